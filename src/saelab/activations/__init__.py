@@ -1,0 +1,1 @@
+"""Activation stores: harvest from a model, read back for training."""

