@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 
-import pytest
-from tiny import save_tiny
+# Tests never touch a model or dataset hub: huggingface_hub reads these at import time,
+# so they are set here, before anything imports transformers.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from saelab.data.corpus import stdlib_documents
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from tiny import save_tiny  # noqa: E402
+
+from saelab.data.corpus import stdlib_documents  # noqa: E402
 
 
 @pytest.fixture(scope="session")

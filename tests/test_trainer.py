@@ -1,0 +1,102 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saelab.activations.harvest import harvest
+from saelab.config import HarvestConfig, SAEConfig, TrainConfig
+from saelab.runs.rundir import RunExistsError
+from saelab.train import trainer as trainer_mod
+from saelab.train.trainer import NonFiniteLossError, lr_factor, train
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "s"
+    return harvest(HarvestConfig(model=str(tiny_model_dir), hook="resid_post.1", text=str(text_jsonl),
+                                 tokens=6000, ctx_len=64, batch_size=8, shard_tokens=1000, out=str(out)),
+                   loaded=tiny_loaded, progress=False)
+
+
+def _cfg(store, tmp_path, **kw):
+    base = dict(store=str(store.path), runs_dir=str(tmp_path / "runs"), name="t",
+                sae=SAEConfig(width=128, k=8, dead_tokens=2000), tokens=30_000, batch_size=256,
+                lr=3e-3, log_every=5, checkpoint_every=20)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_reduces_fvu_and_writes_the_run_dir(store, tmp_path):
+    run = train(_cfg(store, tmp_path), progress=False)
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "manifest.json", "checkpoint/sae.safetensors",
+              "checkpoint/cfg.json"):
+        assert (run.path / f).is_file(), f
+    assert not run.state_file.exists()
+    rows = run.metrics()
+    assert rows[0]["fvu"] > 0.5 and rows[-1]["fvu"] < 0.5 * rows[0]["fvu"]
+    s = run.summary()
+    assert s["steps"] == 30_000 // 256 and s["d_in"] == 32 and s["hook"] == "resid_post.1"
+    m = __import__("json").loads((run.path / "manifest.json").read_text())
+    assert m["seed"] == 0 and m["versions"]["torch"] and m["hardware"]["cores"] and "commit" in m["git"]
+
+
+def test_finished_run_is_reused_and_other_config_refused(store, tmp_path):
+    run = train(_cfg(store, tmp_path, tokens=3000), progress=False)
+    stamp = run.summary_file.stat().st_mtime_ns
+    train(_cfg(store, tmp_path, tokens=3000), progress=False)
+    assert run.summary_file.stat().st_mtime_ns == stamp
+    with pytest.raises(RunExistsError, match="different config"):
+        train(_cfg(store, tmp_path, tokens=4000), progress=False)
+
+
+def test_killed_run_resumes_bit_identical(store, tmp_path, monkeypatch):
+    whole = train(_cfg(store, tmp_path, name="whole"), progress=False)
+    real = trainer_mod.RunDir.append_metrics
+    calls = {"n": 0}
+
+    def dying(self, row):
+        real(self, row)
+        calls["n"] += 1
+        if calls["n"] == 11:  # step 55: after the checkpoint at step 40
+            raise KeyboardInterrupt("kill -9")
+
+    monkeypatch.setattr(trainer_mod.RunDir, "append_metrics", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(store, tmp_path, name="killed"), progress=False)
+    monkeypatch.setattr(trainer_mod.RunDir, "append_metrics", real)
+    killed_dir = tmp_path / "runs" / "killed"
+    assert (killed_dir / "train_state.pt").is_file() and not (killed_dir / "summary.json").exists()
+    resumed = train(_cfg(store, tmp_path, name="killed"), progress=False)
+    a = load_file(whole.checkpoint_dir / "sae.safetensors")
+    b = load_file(resumed.checkpoint_dir / "sae.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in resumed.metrics()] == [r["step"] for r in whole.metrics()]
+
+
+def test_d_in_mismatch_names_both_sizes(store, tmp_path):
+    with pytest.raises(ValueError, match=r"SAE d_in 64 does not match .* d_in 32"):
+        train(_cfg(store, tmp_path, sae=SAEConfig(d_in=64, width=128, k=8)), progress=False)
+
+
+def test_nan_loss_stops_with_step_and_saves_state(store, tmp_path, monkeypatch):
+    real = trainer_mod.batch_stream
+
+    def poisoned(*a, **k):
+        for i, b in enumerate(real(*a, **k)):
+            yield b * float("nan") if i == 7 else b
+
+    monkeypatch.setattr(trainer_mod, "batch_stream", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 7"):
+        train(_cfg(store, tmp_path, name="nan"), progress=False)
+    state = torch.load(tmp_path / "runs" / "nan" / "train_state.pt", weights_only=True)
+    assert state["step"] == 7 and all(torch.isfinite(v).all() for v in state["sae"].values())
+
+
+def test_store_smaller_than_a_batch(store, tmp_path):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(_cfg(store, tmp_path, batch_size=10_000), progress=False)
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 100, 10, 0.8) == pytest.approx(0.1)
+    assert lr_factor(50, 100, 10, 0.8) == 1.0
+    assert lr_factor(90, 100, 10, 0.8) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0, 0.8) == pytest.approx(0.05)
