@@ -1,10 +1,16 @@
 import pytest
 import torch
-
-from saelab.models.hooks import KINDS, HookPoint, capture, resolve, run_with_patch, valid_hook_points
-from saelab.models.load import load_model
-
 from tiny import save_tiny
+
+from saelab.models.hooks import (
+    KINDS,
+    HookPoint,
+    capture,
+    resolve,
+    run_with_patch,
+    valid_hook_points,
+)
+from saelab.models.load import load_model
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from saelab.evals.metrics import Moments, ce_loss_recovered, explained_variance, l0, token_ce, token_kl
+from saelab.evals.metrics import (
+    Moments,
+    ce_loss_recovered,
+    explained_variance,
+    l0,
+    token_ce,
+    token_kl,
+)
 
 
 def test_explained_variance_is_variance_around_the_mean():

@@ -15,7 +15,14 @@ from typing import Any
 
 import typer
 
-from saelab.config import Config, EvalConfig, HarvestConfig, QuickstartConfig, TrainConfig, read_yaml
+from saelab.config import (
+    Config,
+    EvalConfig,
+    HarvestConfig,
+    QuickstartConfig,
+    TrainConfig,
+    read_yaml,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate and interpret sparse autoencoders on language-model activations.")

@@ -155,5 +155,6 @@ class QuickstartConfig(Config):
     width: int = 4608
     k: int = 32
     batch_size: int = 4096
+    lr: float = Field(1e-3, gt=0, description="higher than the long-run default: measured better for this short budget")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0

@@ -13,7 +13,6 @@ import itertools
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from saelab.activations.store import ActivationStore, StoreWriter

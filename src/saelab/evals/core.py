@@ -5,7 +5,6 @@ tokens) are reconstructed or spliced; elsewhere the model runs clean.
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -118,13 +117,15 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp, stream, n_tokens: int,
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
     n = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="eval CE/KL", disable=not progress)
-    for batch in itertools.takewhile(lambda _: n < n_tokens, stream):
+    for batch in stream:
+        if n >= n_tokens:
+            break
         keep, _ = keep_mask(batch, loaded.tokenizer, True)
         # score predictions of tokens 1..T-1 whose target is a real (non-pad) token
         target_ok = batch.attention_mask[:, 1:].bool()
         targets = batch.input_ids[:, 1:][target_ok]
 
-        def splice(fn):
+        def splice(fn, keep=keep):
             def patch(x):  # x: [B, T, d]
                 y = x.clone()
                 y[keep] = fn(x[keep].float()).to(x.dtype)
