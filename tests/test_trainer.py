@@ -77,13 +77,13 @@ def test_d_in_mismatch_names_both_sizes(store, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_saves_state(store, tmp_path, monkeypatch):
-    real = trainer_mod.batch_stream
+    real = trainer_mod.StorePair.batches
 
-    def poisoned(*a, **k):
-        for i, b in enumerate(real(*a, **k)):
-            yield b * float("nan") if i == 7 else b
+    def poisoned(self, *a, **k):
+        for i, (x, y) in enumerate(real(self, *a, **k)):
+            yield (x * float("nan"), y * float("nan")) if i == 7 else (x, y)
 
-    monkeypatch.setattr(trainer_mod, "batch_stream", poisoned)
+    monkeypatch.setattr(trainer_mod.StorePair, "batches", poisoned)
     with pytest.raises(NonFiniteLossError, match="at step 7"):
         train(_cfg(store, tmp_path, name="nan"), progress=False)
     state = torch.load(tmp_path / "runs" / "nan" / "train_state.pt", weights_only=True)
@@ -100,3 +100,61 @@ def test_lr_schedule():
     assert lr_factor(50, 100, 10, 0.8) == 1.0
     assert lr_factor(90, 100, 10, 0.8) == pytest.approx(0.5)
     assert lr_factor(99, 100, 0, 0.8) == pytest.approx(0.05)
+
+
+@pytest.fixture(scope="module")
+def mlp_stores(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path_factory):
+    """resid_pre.1 and mlp_out.1 harvested with the same settings: row-aligned stores."""
+    root = tmp_path_factory.mktemp("pair")
+    common = dict(model=str(tiny_model_dir), text=str(text_jsonl), tokens=6000, ctx_len=64, batch_size=8,
+                  shard_tokens=1000)
+    pair = [harvest(HarvestConfig(hook=h, out=str(root / h), **common), loaded=tiny_loaded, progress=False)
+            for h in ("resid_pre.1", "mlp_out.1")]
+    other = harvest(HarvestConfig(hook="mlp_out.1", out=str(root / "seed1"), seed=1, **common),
+                    loaded=tiny_loaded, progress=False)  # same size, other document order
+    return [*pair, other]
+
+
+def test_transcoder_with_skip_from_two_stores(mlp_stores, tmp_path):
+    src, dst, _ = mlp_stores
+    run = train(_cfg(src, tmp_path, store_out=str(dst.path), name="tc",
+                     sae=SAEConfig(width=128, k=8, transcoder=True, skip=True)), progress=False)
+    s = run.summary()
+    assert s["transcoder"] and s["skip"] and s["train_fvu_last"] < 0.5
+    ck = load_file(run.checkpoint_dir / "sae.safetensors")
+    assert ck["W_skip"].shape == (32, 32) and ck["W_skip"].abs().sum() > 0
+    meta = __import__("json").loads((run.checkpoint_dir / "cfg.json").read_text())
+    assert meta["hook"] == "resid_pre.1" and meta["hook_out"] == "mlp_out.1"
+
+
+def test_transcoder_needs_aligned_stores_and_the_flag(mlp_stores, tmp_path):
+    src, dst, shuffled = mlp_stores
+    with pytest.raises(Exception, match="not row-aligned"):
+        train(_cfg(src, tmp_path, store_out=str(shuffled.path), sae=SAEConfig(width=128, k=8, transcoder=True)),
+              progress=False)
+    with pytest.raises(ValueError, match="set sae.transcoder=true"):
+        train(_cfg(src, tmp_path, store_out=str(dst.path)), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu", "gated", "matryoshka", "panneal"])
+def test_every_architecture_trains_from_a_store(arch, store, tmp_path):
+    sae = SAEConfig(architecture=arch, width=128, k=8, sparsity_coef={"jumprelu": 0.05}.get(arch))
+    run = train(_cfg(store, tmp_path, name=arch, sae=sae, tokens=20_000, lr=2e-3), progress=False)
+    rows = run.metrics()
+    assert rows[-1]["fvu"] < rows[0]["fvu"] and rows[-1]["l0"] > 0
+    from saelab.saes import load_sae
+    loaded, _ = load_sae(run.checkpoint_dir)
+    assert loaded.cfg.architecture == arch
+
+
+def test_normalisation_is_folded_and_validation_logged(store, tmp_path):
+    run = train(_cfg(store, tmp_path, name="norm", val_store=str(store.path), val_every=20, optimizer="signum",
+                     lr=1e-3), progress=False)
+    from saelab.saes import load_sae
+    sae, meta = load_sae(run.checkpoint_dir)
+    assert meta["normalization"]["folded"] and meta["normalization"]["training_scale_in"] != 1.0
+    vals = [r for r in run.metrics() if "val_fvu" in r]
+    assert len(vals) == 5 and vals[-1]["val_fvu"] < vals[0]["val_fvu"]
+    x = store.all_acts(max_rows=2000)  # raw activations in, raw reconstruction out
+    fvu = ((x - sae.reconstruct(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.6 and abs(fvu - vals[-1]["val_fvu"]) < 0.1

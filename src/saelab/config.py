@@ -94,37 +94,101 @@ class HarvestConfig(Config):
         return f"{model}-{self.hook}-{self.split}-{self.hash(exclude={'out'})[:8]}"
 
 
+ARCHITECTURE_NAMES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka", "panneal")
+
+
 class SAEConfig(Config):
-    architecture: Literal["topk"] = "topk"
+    """One sparse coder. Fields an architecture does not use are ignored by it."""
+
+    architecture: str = Field("topk", description=f"one of {', '.join(ARCHITECTURE_NAMES)}")
     d_in: int | None = Field(None, description="input width; taken from the store when unset")
+    d_out: int | None = Field(None, description="output width (transcoders); default d_in")
+    transcoder: bool = Field(False, description="map an input hook to another output hook (b_dec is not subtracted)")
+    skip: bool = Field(False, description="add a linear skip connection x @ W_skip (skip-transcoder)")
     width: int = Field(4608, gt=0, description="number of latents")
-    k: int = Field(32, gt=0, description="active latents per token")
-    aux_k: int | None = Field(None, description="AuxK latents (default d_in // 2)")
-    aux_coef: float = Field(1 / 32, ge=0)
+    k: int = Field(32, gt=0, description="active latents per token (topk, batchtopk, matryoshka)")
+    aux_k: int | None = Field(None, gt=0, description="AuxK latents (default d_in // 2)")
+    aux_coef: float = Field(1 / 32, ge=0, description="AuxK weight (topk, batchtopk, matryoshka)")
     dead_tokens: int = Field(200_000, gt=0, description="a latent silent this many tokens is dead")
+    sparsity_coef: float | None = Field(None, ge=0, description="L1 / L0 / Lp weight (relu, jumprelu, gated, panneal); default per architecture")
+    sparsity_warmup: float = Field(0.05, ge=0, le=1, description="fraction of training over which the sparsity weight ramps up from 0")
+    bandwidth: float = Field(0.001, gt=0, description="JumpReLU straight-through kernel width")
+    threshold_init: float = Field(0.001, gt=0, description="JumpReLU initial threshold")
+    group_fractions: list[float] | None = Field(None, description="Matryoshka nested group sizes as fractions of width (sum 1)")
+    p_end: float = Field(0.5, gt=0, le=1, description="p-annealing: final p of the Lp penalty (starts at 1)")
+    topk_select_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the encoder matmul that selects the top k in training (values are recomputed in float32)")
 
     @model_validator(mode="after")
     def _check(self) -> SAEConfig:
+        if self.architecture not in ARCHITECTURE_NAMES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; valid: {', '.join(ARCHITECTURE_NAMES)}")
         if self.k >= self.width:
             raise ValueError(f"k ({self.k}) must be smaller than width ({self.width})")
+        if self.skip and not self.transcoder:
+            raise ValueError("skip=True needs transcoder=True (a skip connection on an SAE is the identity)")
+        if self.group_fractions is not None:
+            if any(f <= 0 for f in self.group_fractions) or abs(sum(self.group_fractions) - 1) > 1e-6:
+                raise ValueError(f"group_fractions must be positive and sum to 1, got {self.group_fractions}")
         return self
 
 
-class TrainConfig(Config):
+class OptimFields(Config):
+    """Optimisation settings shared by store-fed and on-the-fly training."""
+
+    batch_size: int = Field(4096, gt=0, description="global batch (split across ranks under torchrun)")
+    lr: float | None = Field(None, gt=0, description="lr (default 2e-4 / sqrt(width / 2**14))")
+    optimizer: Literal["adam", "signum"] = Field("adam", description="Adam(0.9, 0.999) or signum (sign of momentum 0.9)")
+    warmup_steps: int = Field(20, ge=0)
+    decay_start: float = Field(0.8, ge=0, le=1, description="fraction of training after which lr decays linearly to 0")
+    b_dec_init: Literal["mean", "geometric_median", "zeros"] = "geometric_median"
+    normalize: bool = Field(True, description="scale inputs (and targets) so E||x||^2 = d during training; folded into the weights at save")
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(200, gt=0, description="steps between resumable checkpoints")
+    wandb: bool = Field(False, description="also log to Weights & Biases (respects WANDB_MODE=offline)")
+    wandb_project: str = "saelab"
+    seed: int = 0
+    smoke: bool = Field(False, description="a smoke run: labelled so, claims nothing")
+
+
+class TrainConfig(OptimFields):
+    """Train one sparse coder from an activation store (two row-aligned stores for a transcoder)."""
+
     store: str = Field(..., description="activation store directory (from `saelab harvest`)")
+    store_out: str | None = Field(None, description="target store for a transcoder, row-aligned with `store`")
     name: str = Field("sae", description="run name: the run directory is <runs_dir>/<name>")
     runs_dir: str = "runs"
     sae: SAEConfig = SAEConfig()
     tokens: int | None = Field(None, gt=0, description="training tokens (default: one pass over the store)")
-    batch_size: int = Field(4096, gt=0)
-    lr: float | None = Field(None, gt=0, description="Adam lr (default 2e-4 / sqrt(width / 2**14))")
-    warmup_steps: int = Field(20, ge=0)
-    decay_start: float = Field(0.8, ge=0, le=1, description="fraction of training after which lr decays linearly to 0")
-    b_dec_init: Literal["mean", "geometric_median", "zeros"] = "geometric_median"
-    log_every: int = Field(10, gt=0)
-    checkpoint_every: int = Field(200, gt=0, description="steps between resumable checkpoints")
-    seed: int = 0
-    smoke: bool = Field(False, description="a smoke run: labelled so, claims nothing")
+    val_store: str | None = Field(None, description="store of held-out activations for validation FVU")
+    val_every: int = Field(100, gt=0, description="steps between validation metrics")
+    val_tokens: int = Field(16_384, gt=0)
+
+
+class FlySAE(Config):
+    """One of several sparse coders trained on the fly from one pass of the model."""
+
+    name: str
+    hook: str = Field(..., description="input hook point")
+    hook_out: str | None = Field(None, description="output hook point (a transcoder) or None")
+    sae: SAEConfig = SAEConfig()
+    lr: float | None = None
+
+
+class FlyTrainConfig(OptimFields):
+    """Train several sparse coders on the fly from the model (no store), one forward pass feeding all."""
+
+    model: str = "smollm2"
+    text: str = "embedded"
+    text_field: str = "text"
+    ctx_len: int = Field(128, ge=2)
+    model_batch_size: int = Field(16, gt=0, description="contexts per forward pass")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    prepend_bos: bool = True
+    buffer_tokens: int = Field(65_536, gt=0, description="activations shuffled together before batching")
+    tokens: int = Field(1_000_000, gt=0, description="training tokens for every SAE")
+    runs_dir: str = "runs"
+    saes: list[FlySAE] = Field(..., min_length=1)
 
 
 class EvalConfig(Config):
