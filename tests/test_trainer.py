@@ -158,3 +158,96 @@ def test_normalisation_is_folded_and_validation_logged(store, tmp_path):
     x = store.all_acts(max_rows=2000)  # raw activations in, raw reconstruction out
     fvu = ((x - sae.reconstruct(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     assert fvu < 0.6 and abs(fvu - vals[-1]["val_fvu"]) < 0.1
+
+
+def _fly_cfg(tiny_model_dir, text_jsonl, tmp_path, **kw):
+    from saelab.config import FlySAE, FlyTrainConfig
+
+    base = dict(model=str(tiny_model_dir), text=str(text_jsonl), ctx_len=64, model_batch_size=8,
+                buffer_tokens=1024, tokens=256 * 40, batch_size=256, lr=3e-3, runs_dir=str(tmp_path / "fly"),
+                log_every=5, checkpoint_every=15,
+                saes=[FlySAE(name="sae", hook="resid_post.1", sae=SAEConfig(width=128, k=8)),
+                      FlySAE(name="tc", hook="resid_pre.2", hook_out="mlp_out.2",
+                             sae=SAEConfig(architecture="relu", width=128, transcoder=True, sparsity_coef=0.05))])
+    return FlyTrainConfig(**{**base, **kw})
+
+
+def test_on_the_fly_trains_several_saes_from_one_pass(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path, monkeypatch):
+    from saelab.train import fly
+
+    calls = {"n": 0}
+    real = fly.capture
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(fly, "capture", counting)
+    runs = fly.train_on_the_fly(_fly_cfg(tiny_model_dir, text_jsonl, tmp_path), loaded=tiny_loaded, progress=False)
+    assert [r.path.name for r in runs] == ["sae", "tc"] and all(r.complete for r in runs)
+    for r in runs:
+        rows = r.metrics()
+        assert rows[-1]["fvu"] < rows[0]["fvu"] and r.summary()["steps"] == 40
+    meta = __import__("json").loads((runs[1].checkpoint_dir / "cfg.json").read_text())
+    assert (meta["hook"], meta["hook_out"]) == ("resid_pre.2", "mlp_out.2")
+    # one capture per model batch serves both SAEs: 40 steps x 256 rows need ~10k rows of ~60 per context
+    assert calls["n"] < 40
+
+
+def test_on_the_fly_resume_is_exact(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path, monkeypatch):
+    from saelab.train import fly
+
+    whole = fly.train_on_the_fly(_fly_cfg(tiny_model_dir, text_jsonl, tmp_path / "a"), loaded=tiny_loaded,
+                                 progress=False)
+    real = fly.Trainer.step
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2 * 20 + 1:  # step 20 of the first SAE: after the checkpoint at step 15
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(fly.Trainer, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fly.train_on_the_fly(_fly_cfg(tiny_model_dir, text_jsonl, tmp_path / "b"), loaded=tiny_loaded, progress=False)
+    monkeypatch.setattr(fly.Trainer, "step", real)
+    resumed = fly.train_on_the_fly(_fly_cfg(tiny_model_dir, text_jsonl, tmp_path / "b"), loaded=tiny_loaded,
+                                   progress=False)
+    for a, b in zip(whole, resumed, strict=True):
+        wa, wb = load_file(a.checkpoint_dir / "sae.safetensors"), load_file(b.checkpoint_dir / "sae.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kill_9_then_resume_via_cli_is_bit_identical(store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from saelab.cli import app
+
+    cfg = _cfg(store, tmp_path, name="killed", tokens=256 * 300, checkpoint_every=20)
+    cfg.save(tmp_path / "train.yaml")
+    cmd = [sys.executable, "-m", "saelab.cli", "train", "--config", str(tmp_path / "train.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    state = tmp_path / "runs" / "killed" / "train_state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp_path / "runs" / "killed" / "summary.json").exists()
+    runner = CliRunner()
+    refused = runner.invoke(app, ["train", "--config", str(tmp_path / "train.yaml")])
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    resumed = runner.invoke(app, ["train", "--config", str(tmp_path / "train.yaml"), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    whole = train(cfg.model_copy(update={"name": "whole"}), progress=False)
+    a = load_file(whole.checkpoint_dir / "sae.safetensors")
+    b = load_file(tmp_path / "runs" / "killed" / "checkpoint" / "sae.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

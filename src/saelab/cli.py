@@ -18,6 +18,7 @@ import typer
 from saelab.config import (
     Config,
     EvalConfig,
+    FlyTrainConfig,
     HarvestConfig,
     QuickstartConfig,
     TrainConfig,
@@ -29,8 +30,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Embedded model and corpus: fetch and inspect.")
 app.add_typer(data_app, name="data")
 
-STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig,
-                                   "quickstart": QuickstartConfig}
+STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "train-fly": FlyTrainConfig,
+                                   "eval": EvalConfig, "quickstart": QuickstartConfig}
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see `saelab config STAGE`)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config field: KEY=VALUE, e.g. sae.k=64 (repeatable)")
 
@@ -154,17 +155,37 @@ def train(
     k: int | None = typer.Option(None, help="active latents per token (TopK)"),
     tokens: int | None = typer.Option(None, help="training tokens (default: one pass over the store)"),
     lr: float | None = typer.Option(None, help="learning rate"),
+    architecture: str | None = typer.Option(None, "--arch", help="relu, topk, batchtopk, jumprelu, gated, matryoshka, panneal"),
+    store_out: str | None = typer.Option(None, help="target store: train a transcoder (set sae.transcoder=true)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint"),
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Train an SAE on a store; rerunning an interrupted run resumes from its checkpoint."""
+    """Train a sparse coder on a store. Under torchrun, data-parallel over the ranks."""
     from saelab.train.trainer import train as run_train
 
     cfg = _build(TrainConfig, config, {"store": store, "name": name, "runs_dir": runs_dir, "sae.width": width,
-                                       "sae.k": k, "tokens": tokens, "lr": lr}, set_)
-    run = run_train(cfg)
+                                       "sae.k": k, "tokens": tokens, "lr": lr, "sae.architecture": architecture,
+                                       "store_out": store_out}, set_)
+    run = run_train(cfg, resume=resume)
     s = run.summary()
-    typer.echo(f"run: {run.path}  (train FVU {s['train_fvu_last']:.3f}, dead {s['dead_fraction']:.3f}, "
-               f"{s['tokens']:,} tokens in {s['wall_seconds']:.0f} s)")
+    typer.echo(f"run: {run.path}  ({s['architecture']}, train FVU {s['train_fvu_last']:.3f}, L0 {s['train_l0_last']:.1f}, "
+               f"dead {s['dead_fraction']:.3f}, {s['tokens']:,} tokens in {s['wall_seconds']:.0f} s)")
+
+
+@app.command("train-fly")
+@_user_errors
+def train_fly(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML FlyTrainConfig listing the SAEs (see `saelab config train-fly`)"),
+    set_: list[str] | None = SetOpt,
+) -> None:
+    """Train several SAEs/transcoders on the fly from one pass of the model (no store)."""
+    from saelab.train.fly import train_on_the_fly
+
+    cfg = _build(FlyTrainConfig, config, {}, set_)
+    for run in train_on_the_fly(cfg):
+        s = run.summary()
+        typer.echo(f"run: {run.path}  ({s['architecture']} on {s['hook']}, train FVU {s['train_fvu_last']:.3f}, "
+                   f"L0 {s['train_l0_last']:.1f})")
 
 
 @app.command("eval")

@@ -62,9 +62,11 @@ class SparseCoder(nn.Module):
         W_dec = torch.randn(m, d_out)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        # encoder init = decoder transpose (or a scaled random matrix when the sizes differ)
-        W_enc = W_dec.T.clone() if d_in == d_out else torch.randn(d_in, m) / d_in**0.5
-        self.W_enc = nn.Parameter(W_enc.contiguous())
+        # encoder init = decoder transpose (or a scaled random matrix when the sizes differ).
+        # Stored as the transposed view of a contiguous [width, d_in] tensor: the public layout is
+        # [d_in, width], while gathers of latent rows and sparse row gradients need no copies.
+        W_enc_rows = W_dec.clone() if d_in == d_out else torch.randn(m, d_in) / d_in**0.5
+        self.W_enc = nn.Parameter(W_enc_rows.t())
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.W_skip = nn.Parameter(torch.zeros(d_in, d_out)) if cfg.skip else None

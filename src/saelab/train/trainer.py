@@ -205,9 +205,10 @@ def _wandb_run(cfg: OptimFields, run: RunDir):
                       config=cfg.model_dump(mode="json"))
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> RunDir:
-    """Train from a store (or two); resumes an interrupted run, reuses a finished one with the
-    same config. Under torchrun every rank calls this; rank 0 writes the run directory."""
+def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> RunDir:
+    """Train from a store (or two); reuses a finished run with the same config and, when
+    `resume`, continues an interrupted one from its last checkpoint (else refuses to touch it).
+    Under torchrun every rank calls this; rank 0 writes the run directory."""
     data = StorePair(cfg.store, cfg.store_out)
     sae_cfg = cfg.sae
     if sae_cfg.d_in is not None and sae_cfg.d_in != data.d_in:
@@ -227,6 +228,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunDir:
     dist.barrier()
     if run.complete:
         return run
+    if run.state_file.is_file() and not resume:
+        step = torch.load(run.state_file, weights_only=True)["step"]
+        raise ValueError(f"run directory {run.path} holds an interrupted run (checkpoint at step {step}); "
+                         "pass --resume to continue it, or choose another --name")
     total_steps = max(1, (cfg.tokens or data.n_tokens) // cfg.batch_size)
     trainer = Trainer(sae_cfg, cfg, run, total_steps, data.sample(8192), dist=dist)
     if dist.main:
