@@ -58,7 +58,7 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 # --- one trainer per library: init(x_sample) -> (step(x), reconstruct(x)) -----------------------
 
-def make_saelab(select: str = "float32", arch: str = "topk"):
+def make_saelab(select: str = "float32", arch: str = "topk", normalize: bool = True):
     from saelab.config import OptimFields, SAEConfig
     from saelab.runs.rundir import RunDir
     from saelab.train.trainer import Trainer
@@ -66,14 +66,15 @@ def make_saelab(select: str = "float32", arch: str = "topk"):
     def init(sample, lr, total_steps):
         run = RunDir(tempfile.mkdtemp())
         run.path.mkdir(exist_ok=True)
-        cfg = OptimFields(batch_size=BATCH, lr=lr, b_dec_init="mean", normalize=False, warmup_steps=0,
+        # saelab's default trains on inputs scaled to E||x||^2 = d (folded into the weights at save)
+        cfg = OptimFields(batch_size=BATCH, lr=lr, b_dec_init="mean", normalize=normalize, warmup_steps=0,
                           decay_start=1.0, log_every=10**9, checkpoint_every=10**9)
         sae_cfg = SAEConfig(architecture=arch, d_in=D, width=WIDTH, k=K, topk_select_dtype=select)
         t = Trainer(sae_cfg, cfg, run, total_steps, (sample, sample))
 
         def reconstruct(x):
             with torch.no_grad():
-                return t.sae.eval().reconstruct(x) if arch in ("batchtopk", "matryoshka") else t.sae.reconstruct(x)
+                return t.sae.eval().reconstruct(x * t.s_in) / t.s_out
         return (lambda x: t.step(x)), reconstruct
     return init
 
@@ -143,6 +144,7 @@ def make_saelens(sparse: bool):
 LIBS = {
     "saelab": make_saelab("float32"),
     "saelab-bf16select": make_saelab("bfloat16"),
+    "saelab-raw": make_saelab("float32", normalize=False),
     "sparsify": make_sparsify(),
     "saelens-sparse": make_saelens(True),
     "saelens": make_saelens(False),

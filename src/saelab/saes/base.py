@@ -66,6 +66,7 @@ class SparseCoder(nn.Module):
         # Stored as the transposed view of a contiguous [width, d_in] tensor: the public layout is
         # [d_in, width], while gathers of latent rows and sparse row gradients need no copies.
         W_enc_rows = W_dec.clone() if d_in == d_out else torch.randn(m, d_in) / d_in**0.5
+        W_enc_rows *= cfg.encoder_init_norm / W_enc_rows.norm(dim=1, keepdim=True)
         self.W_enc = nn.Parameter(W_enc_rows.t())
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
