@@ -172,22 +172,26 @@ def train(
 def eval_cmd(
     run: str | None = typer.Argument(None, help="run directory (holds checkpoint/)"),
     config: Path | None = ConfigOpt,
+    suite: str | None = typer.Option(None, help="comma-separated evals: core,probing,absorption,control"),
     tokens: int | None = typer.Option(None, help="validation tokens for reconstruction metrics"),
     ce_tokens: int | None = typer.Option(None, help="validation tokens for CE loss / KL"),
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Core metrics on held-out text: L0, MSE, explained variance, CE loss recovered, KL, dead."""
-    from saelab.evals.core import evaluate
+    """Evaluate an SAE: core metrics, sparse probing, absorption, randomized-model control.
 
-    cfg = _build(EvalConfig, config, {"run": run, "tokens": tokens, "ce_tokens": ce_tokens}, set_)
-    r = evaluate(cfg)
-    keys = ["explained_variance", "fvu", "mse", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_zero",
-            "ce_loss_recovered", "kl_to_clean", "eval_tokens", "ce_tokens"]
-    width = max(map(len, keys))
-    for key in keys:
-        v = r[key]
-        typer.echo(f"{key:<{width}}  {v:.4f}" if isinstance(v, float) else f"{key:<{width}}  {v}")
-    typer.echo(f"written: {Path(cfg.run) / 'eval.json'}")
+    Results go into the run directory (eval.json, eval_<name>.json, eval_suite.json)."""
+    from saelab.evals.suite import format_suite, run_suite
+
+    suite_list = [s.strip() for s in suite.split(",") if s.strip()] if suite else None
+    cfg = _build(EvalConfig, config, {"run": run, "suite": suite_list, "tokens": tokens, "ce_tokens": ce_tokens},
+                 set_)
+    out = run_suite(cfg)
+    typer.echo(format_suite(out))
+    typer.echo(f"written: {', '.join(str(Path(cfg.run) / f) for f in _suite_files(cfg.suite))}")
+
+
+def _suite_files(suite: list[str]) -> list[str]:
+    return [("eval.json" if s == "core" else f"eval_{s}.json") for s in suite] + ["eval_suite.json"]
 
 
 @app.command()
