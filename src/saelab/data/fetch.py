@@ -162,7 +162,11 @@ def fetch_deb_asset(name: str, force: bool = False) -> Path:
         tmp_path = Path(tmp)
         debs, root, out = tmp_path / "debs", tmp_path / "root", tmp_path / "files"
         debs.mkdir()
-        proc = subprocess.run(["apt-get", "download", *asset.packages], cwd=debs, capture_output=True, text=True)
+        download = ["apt-get", "download", *asset.packages]
+        proc = subprocess.run(download, cwd=debs, capture_output=True, text=True)
+        if proc.returncode != 0:  # stale or missing package lists: refresh once and retry
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True)
+            proc = subprocess.run(download, cwd=debs, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"`apt-get download {' '.join(asset.packages)}` failed (run `apt-get update` "
                                f"first?):\n{proc.stderr[-2000:]}")
