@@ -36,3 +36,19 @@ def test_absorption_needs_words(tiny_sae_run, tiny_loaded):
     sae, _ = load_sae(tiny_sae_run.checkpoint_dir)
     with pytest.raises(ValueError, match="tokenizer vocabulary .* gave 0"):
         absorption(AbsorptionConfig(), sae, tiny_loaded, HookPoint(1, "resid_post"), True, progress=False)
+
+
+@pytest.mark.embedded
+def test_first_letter_is_probed_from_single_token_words_of_the_embedded_model():
+    from saelab.config import SAEConfig
+    from saelab.models.load import load_model
+    from saelab.saes import build_sae
+
+    loaded = load_model("smollm2")
+    words = vocab_words(loaded.tokenizer, 400, 0)
+    assert len(words) == 400 and all(len(loaded.tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1
+                                     for w in words[:50])
+    sae = build_sae(SAEConfig(d_in=576, width=256, k=16)).eval()
+    r = absorption(AbsorptionConfig(words=400, min_letter_words=8, bootstrap=200), sae, loaded,
+                   HookPoint(10, "resid_post"), True, progress=False)
+    assert r["letters"] >= 10 and r["mean_probe_f1"] > 0.3, (r["letters"], r["mean_probe_f1"])

@@ -73,3 +73,19 @@ def test_unknown_task_and_missing_sources_are_explained(tiny_sae_run, tiny_loade
     sae, _ = load_sae(tiny_sae_run.checkpoint_dir)
     with pytest.raises(ValueError, match="unknown probing task 'nope'.*sentiment"):
         sparse_probing(ProbingConfig(tasks=["nope"]), sae, tiny_loaded, HookPoint(1, "resid_post"), True, False)
+
+
+@pytest.mark.embedded
+def test_word_sentiment_is_linearly_readable_from_the_embedded_model():
+    """The residual stream of SmolLM2 at resid_post.10 separates positive from negative words
+    (lemma-split test set) well above chance; an untrained SAE stands in for the interface."""
+    from saelab.config import SAEConfig
+    from saelab.models.load import load_model
+    from saelab.saes import build_sae
+
+    loaded = load_model("smollm2")
+    sae = build_sae(SAEConfig(d_in=576, width=256, k=16))
+    cfg = ProbingConfig(tasks=["sentiment"], ks=[5], max_per_class=300, bootstrap=300)
+    r = sparse_probing(cfg, sae.eval(), loaded, HookPoint(10, "resid_post"), True, progress=False)
+    full = r["tasks"]["sentiment"]["comparisons"]["all"]
+    assert full["b_ci95"][0] > 0.55, full  # residual, full width: above chance (0.5)

@@ -150,9 +150,9 @@ class ProbingConfig(Config):
                                  "text_source", "language_id"],
         description="built-in task names or TaskSpec mappings (a built-in whose source is not fetched is skipped)")
     ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 20])
-    max_tokens: int = Field(64, ge=2, description="tokens per example (longer texts are cut)")
+    max_tokens: int = Field(32, ge=2, description="tokens per example (longer texts are cut)")
     batch_size: int = Field(32, gt=0)
-    max_per_class: int | None = Field(None, description="override every task's max_per_class")
+    max_per_class: int | None = Field(200, description="override every task's max_per_class (None: each task's own)")
     bootstrap: int = Field(1000, gt=0, description="bootstrap resamples for CIs")
 
 
@@ -172,10 +172,10 @@ class AbsorptionConfig(Config):
 class ControlConfig(Config):
     """Randomized-model control: harvest -> train -> eval on a copy with re-initialised weights."""
 
-    harvest_tokens: int = Field(100_000, gt=0)
-    train_tokens: int = Field(300_000, gt=0)
-    tokens: int = Field(16_384, gt=0, description="validation tokens for reconstruction metrics (both models)")
-    ce_tokens: int = Field(4096, gt=0, description="validation tokens for the random SAE's CE / KL")
+    harvest_tokens: int = Field(60_000, gt=0)
+    train_tokens: int = Field(240_000, gt=0)
+    tokens: int = Field(8192, gt=0, description="validation tokens for reconstruction metrics (both models)")
+    ce_tokens: int = Field(2048, gt=0, description="validation tokens for the random SAE's CE / KL")
     probing_tasks: list[str | TaskSpec] = Field(default_factory=lambda: ["sentiment", "code_vs_prose"],
                                                 description="tasks for the real-vs-random sparse-probing gap")
     probing_k: int = Field(5, gt=0, description="k of the sparse probe compared")
