@@ -5,7 +5,13 @@ import torch
 from saelab.config import ProbingConfig
 from saelab.data.tasks import TaskData
 from saelab.data.tokens import Context, batches, keep_mask
-from saelab.evals.probing import one_vs_rest, pooled_features, probe_correct, sparse_probing, top_k_by_mean_diff
+from saelab.evals.probing import (
+    one_vs_rest,
+    pooled_features,
+    probe_correct,
+    sparse_probing,
+    top_k_by_mean_diff,
+)
 from saelab.models.hooks import HookPoint, capture
 from saelab.saes import load_sae
 

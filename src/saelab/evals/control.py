@@ -18,10 +18,10 @@ import torch
 
 from saelab.activations.harvest import harvest
 from saelab.config import EvalConfig, HarvestConfig, TrainConfig
+from saelab.data.tasks import load_task
 from saelab.evals.core import _validation_batches, evaluate, reconstruction_metrics
 from saelab.evals.probing import pooled_features, probe_correct, resolve_tasks
 from saelab.evals.stats import compare
-from saelab.data.tasks import load_task
 from saelab.io import read_json
 from saelab.models.hooks import HookPoint
 from saelab.models.load import LoadedModel

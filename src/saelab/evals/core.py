@@ -24,7 +24,6 @@ from saelab.evals.metrics import (
     density_histogram,
     explained_variance_legacy,
     most_similar_decoder_pairs,
-    relative_reconstruction_bias,
     token_ce,
     token_kl,
 )

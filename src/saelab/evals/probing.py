@@ -23,7 +23,14 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from saelab.config import ProbingConfig, TaskSpec
-from saelab.data.tasks import BUILTINS, TaskData, builtin_available, builtin_spec, load_task, task_summary
+from saelab.data.tasks import (
+    BUILTINS,
+    TaskData,
+    builtin_available,
+    builtin_spec,
+    load_task,
+    task_summary,
+)
 from saelab.data.tokens import Context, batches, keep_mask
 from saelab.evals.stats import compare
 from saelab.models.hooks import HookPoint, capture
