@@ -11,10 +11,13 @@ SAEBench's absorption eval), simplified as stated here.
    test F1. Starting at k = 1, k grows while F1(k+1) - F1(k) > split_f1_gain (up to max_k);
    the chosen k latents are L's main latents and k - 1 is its number of split latents.
 4. On test words of letter L that the residual probe classifies correctly, each active
-   latent j contributes z_j * (W_dec[j] . p_L) to the probe projection. Latents outside the
-   main set whose decoder has cosine >= cos_threshold with p_L are absorbing. Per word:
-   absorption fraction = absorbing contribution / (main + absorbing contribution), clipped
-   to [0, 1]; the word is fully absorbed when no main latent fires and an absorbing one does.
+   latent j contributes z_j * (W_dec[j] . p_L) to the probe projection. The absorbing latent
+   of a word is the active latent outside the main set with the largest positive
+   contribution among those whose decoder has cosine >= cos_threshold with p_L (SAEBench
+   attributes by ablation instead; this is the first-order version). Per word: absorption
+   fraction = absorbing / (main + absorbing) contribution; the word is fully absorbed when
+   no main latent fires and an absorbing latent does. The k-sparse probes are class-weighted
+   (a letter is ~4% of words).
 Reported per letter and overall (mean with a bootstrap 95% CI over words).
 """
 
@@ -91,7 +94,8 @@ def absorption(cfg: AbsorptionConfig, sae: SparseCoder, loaded: LoadedModel, hp:
         f1s, k = [], 1
         for kk in range(1, cfg.max_k + 1):
             cols = top_k_by_mean_diff(z[~test], y[~test], kk)
-            f1s.append(float(f1_score(y[test], fit_predict(z[~test][:, cols], y[~test], z[test][:, cols], seed))))
+            pred = fit_predict(z[~test][:, cols], y[~test], z[test][:, cols], seed, balanced=True)
+            f1s.append(float(f1_score(y[test], pred)))
         while k < cfg.max_k and f1s[k] - f1s[k - 1] > cfg.split_f1_gain:
             k += 1
         main = top_k_by_mean_diff(z[~test], y[~test], k)
@@ -105,10 +109,12 @@ def absorption(cfg: AbsorptionConfig, sae: SparseCoder, loaded: LoadedModel, hp:
             zr = torch.as_tensor(z[r])
             contrib = zr * proj  # [width]
             main_c = float(contrib[torch.as_tensor(main)].clamp_min(0).sum())
-            absorbing = (zr > 0) & absorbing_ok
-            abs_c = float(contrib[absorbing].clamp_min(0).sum())
+            # the absorbing latent: the largest probe contribution among active non-main latents
+            # whose decoder is aligned with the probe
+            cand = torch.where((zr > 0) & absorbing_ok, contrib, torch.zeros_like(contrib))
+            abs_c = float(cand.max().clamp_min(0))
             fr.append(abs_c / (main_c + abs_c) if main_c + abs_c > 0 else 0.0)
-            fu.append(float(bool((zr[torch.as_tensor(main)] == 0).all() and absorbing.any())))
+            fu.append(float(bool((zr[torch.as_tensor(main)] == 0).all() and abs_c > 0)))
         fractions += fr
         full += fu
         per_letter[letter] = {

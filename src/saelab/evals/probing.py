@@ -78,10 +78,11 @@ def top_k_by_mean_diff(feats: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-diff, kind="stable")[:k]
 
 
-def fit_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Standardise, fit L2 logistic regression on train, predict test labels."""
+def fit_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0,
+                balanced: bool = False) -> np.ndarray:
+    """Standardise, fit L2 logistic regression on train (balanced: class-weighted), predict test labels."""
     scaler = StandardScaler().fit(train_x)
-    clf = LogisticRegression(max_iter=1000, random_state=seed)
+    clf = LogisticRegression(max_iter=1000, random_state=seed, class_weight="balanced" if balanced else None)
     clf.fit(scaler.transform(train_x), train_y)
     return clf.predict(scaler.transform(test_x))
 
