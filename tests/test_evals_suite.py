@@ -67,6 +67,7 @@ def test_eval_suite_cli_runs_all_four_and_writes_the_run_dir(tiny_sae_run, tiny_
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert stamps == {f: (run / f).stat().st_mtime_ns for f in stamps}
+    assert "probing" in json.loads((run / "eval_suite.json").read_text())["reused"] and "(stored)" in r.output
 
 
 def test_suite_refuses_a_model_whose_hook_or_width_disagrees(tiny_sae_run, text_jsonl, tmp_path):
