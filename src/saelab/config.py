@@ -195,8 +195,66 @@ class FlyTrainConfig(OptimFields):
     saes: list[FlySAE] = Field(..., min_length=1)
 
 
+class TaskSpec(Config):
+    """A labelled probing task: rows of a local .jsonl/.csv (or `builtin:NAME`) with text and label."""
+
+    name: str
+    source: str = Field(..., description="'builtin:NAME' or a local .jsonl / .csv file")
+    text_field: str = "text"
+    label_field: str = "label"
+    group_field: str | None = Field(None, description="rows sharing a group (lemma, document) stay in one split")
+    test_fraction: float = Field(0.3, gt=0, lt=1, description="fraction of each class's groups held out")
+    max_per_class: int = Field(400, gt=1, description="examples kept per class (seeded subsample)")
+    min_train: int = Field(20, gt=0, description="fewest train examples a class may have")
+    min_test: int = Field(10, gt=0, description="fewest test examples a class may have")
+    seed: int = 0
+
+
+class ProbingConfig(Config):
+    """Sparse probing (SAEBench): top-k latents by class-mean difference, then logistic regression."""
+
+    tasks: list[str | TaskSpec] = Field(
+        default_factory=lambda: ["sentiment", "pos", "code_vs_prose", "stage_direction", "play_genre",
+                                 "text_source", "language_id"],
+        description="built-in task names or TaskSpec mappings (a built-in whose source is not fetched is skipped)")
+    ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 20])
+    max_tokens: int = Field(32, ge=2, description="tokens per example (longer texts are cut)")
+    batch_size: int = Field(32, gt=0)
+    max_per_class: int | None = Field(200, description="override every task's max_per_class (None: each task's own)")
+    bootstrap: int = Field(1000, gt=0, description="bootstrap resamples for CIs")
+
+
+class AbsorptionConfig(Config):
+    """First-letter feature absorption (Chanin et al. 2024; SAEBench)."""
+
+    words: int = Field(1500, gt=0, description="single-token words from the tokenizer vocabulary")
+    word_list: str | None = Field(None, description="a local file of words (one per line) instead of the vocabulary")
+    min_letter_words: int = Field(10, gt=0, description="letters with fewer train words are skipped")
+    max_k: int = Field(5, gt=0, description="largest k-sparse probe tried when looking for split latents")
+    split_f1_gain: float = Field(0.03, ge=0, description="F1 gain from k to k+1 that counts a feature split")
+    cos_threshold: float = Field(0.025, ge=0, description="absorbing latent: decoder cosine with the probe")
+    batch_size: int = Field(64, gt=0)
+    bootstrap: int = Field(1000, gt=0)
+
+
+class ControlConfig(Config):
+    """Randomized-model control: harvest -> train -> eval on a copy with re-initialised weights."""
+
+    harvest_tokens: int = Field(60_000, gt=0)
+    train_tokens: int = Field(240_000, gt=0)
+    tokens: int = Field(8192, gt=0, description="validation tokens for reconstruction metrics (both models)")
+    ce_tokens: int = Field(2048, gt=0, description="validation tokens for the random SAE's CE / KL")
+    probing_tasks: list[str | TaskSpec] = Field(default_factory=lambda: ["sentiment", "code_vs_prose"],
+                                                description="tasks for the real-vs-random sparse-probing gap")
+    probing_k: int = Field(5, gt=0, description="k of the sparse probe compared")
+    seed: int = 0
+    out: str = Field("", description="where the control's store and run go (default <run>/control)")
+
+
 class EvalConfig(Config):
     run: str = Field(..., description="run directory holding checkpoint/")
+    suite: list[Literal["core", "probing", "absorption", "control"]] = Field(
+        default_factory=lambda: ["core"], description="evals to run")
     text: str = "embedded"
     text_field: str = "text"
     split: Literal["train", "validation"] = "validation"
@@ -207,6 +265,12 @@ class EvalConfig(Config):
     batch_size: int = Field(16, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
+    dense_thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.01],
+                                          description="a latent firing on more than this fraction of tokens is dense")
+    similar_pairs: int = Field(10, ge=0, description="most similar decoder pairs to report")
+    probing: ProbingConfig = ProbingConfig()
+    absorption: AbsorptionConfig = AbsorptionConfig()
+    control: ControlConfig = ControlConfig()
 
 
 class QuickstartConfig(Config):
