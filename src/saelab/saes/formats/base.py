@@ -1,0 +1,134 @@
+"""What every format adapter shares: the Format record, building a saelab SAE from mapped
+tensors, hook-name translation, and the refusals.
+
+An adapter maps a format's tensors onto saelab's parameter names (W_enc [d_in, width],
+b_enc [width], W_dec [width, d_out], b_dec [d_out], log_threshold / threshold / r_mag /
+b_mag / W_skip [d_in, d_out]) and says which saelab architecture computes the same encode.
+Anything the format's config asks for that saelab cannot compute identically is refused
+with a ValueError naming the file and field: loading it anyway would encode differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab.config import SAEConfig
+from saelab.models.hooks import HookPoint
+from saelab.saes.base import SparseCoder, build_sae
+
+Meta = dict[str, Any]  # {"hook", "hook_out", "model", "format", ...} as in native cfg.json
+K_ARCHS = ("topk", "batchtopk", "matryoshka")
+TRAINING_STATE = ("p", "coef")  # p-annealing schedule buffers: no format stores them, encode ignores them
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    expects: str  # the files that identify it, for "no known format" errors
+    detect: Callable[[Path], bool]
+    load: Callable[[Path], tuple[SparseCoder, Meta]]
+    save: Callable[[SparseCoder, Meta, Path], None]
+
+
+def sae_config(architecture: str, d_in: int, width: int, d_out: int | None = None, *,
+               transcoder: bool = False, skip: bool = False, k: int | None = None,
+               **extra: Any) -> SAEConfig:
+    """An SAEConfig for an imported coder; k only for the architectures that use it."""
+    fields: dict[str, Any] = dict(architecture=architecture, d_in=d_in, width=width, transcoder=transcoder,
+                                  skip=skip, d_out=d_out if d_out not in (None, d_in) else None, **extra)
+    if architecture in K_ARCHS:
+        fields["k"] = int(k)
+    elif width <= SAEConfig.model_fields["k"].default:
+        fields["k"] = 1  # unused by this architecture; keeps the k < width check satisfied
+    return SAEConfig(**fields)
+
+
+def saved_config(block: Any, d_in: int, width: int) -> SAEConfig | None:
+    """The saelab SAEConfig an export left in the file's metadata, if it still fits the weights."""
+    if not isinstance(block, dict) or "sae" not in block:
+        return None
+    cfg = SAEConfig.model_validate(block["sae"])
+    return cfg if (cfg.d_in, cfg.width) == (d_in, width) else None
+
+
+def build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: str) -> SparseCoder:
+    """A saelab SAE (eval mode, float32) holding exactly `tensors` (saelab names)."""
+    sae = build_sae(cfg)
+    own = sae.state_dict()
+    tensors = {**{k: own[k] for k in TRAINING_STATE if k in own}, **tensors}
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise ValueError(f"{where}: tensors do not match a saelab {cfg.architecture} coder "
+                         f"(missing {missing}, unexpected {extra})")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(own[name].shape):
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+    sae.load_state_dict({k: v.detach().to(torch.float32) for k, v in tensors.items()})
+    return sae.eval()
+
+
+def weights(sae: SparseCoder) -> dict[str, torch.Tensor]:
+    """The SAE's inference tensors, contiguous float32 copies on CPU (W_enc is stored as a view)."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in sae.state_dict().items()
+            if k not in TRAINING_STATE}
+
+
+def log_threshold_of(threshold: torch.Tensor, where: str) -> torch.Tensor:
+    """log(theta) for saelab's JumpReLU, chosen so that exp() gives back theta bit for bit
+    where float32 allows. A negative threshold lets negative pre-activations through in
+    saelab but not in ReLU-then-mask formats, so it is refused."""
+    theta = threshold.detach().to(torch.float32)
+    if (theta < 0).any():
+        raise ValueError(f"{where}: field 'threshold' has {int((theta < 0).sum())} negative values; "
+                         "saelab's JumpReLU needs thresholds >= 0")
+    lt = theta.double().log().float()
+    for _ in range(2):  # nudge by one ulp where float32 exp() misses theta
+        off = lt.exp() != theta
+        if not off.any():
+            break
+        direction = torch.where(lt.exp()[off] < theta[off], torch.tensor(float("inf")), torch.tensor(float("-inf")))
+        lt[off] = torch.nextafter(lt[off], direction)
+    return lt
+
+
+def fold_input_bias(b_enc: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
+    """b_enc' with (x - b_dec) W + b_enc' == x W + b_enc: for formats that do not subtract b_dec."""
+    return (b_enc.double() + b_dec.double() @ W_enc.double()).float()
+
+
+def unfold_input_bias(b_enc: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
+    """Inverse of fold_input_bias: the bias for a format whose encoder sees raw x."""
+    return (b_enc.double() - b_dec.double() @ W_enc.double()).float()
+
+
+def hook_to_saelab(name: str | None) -> str | None:
+    """'blocks.10.hook_resid_post' / 'resid_post.10' -> 'resid_post.10'; None if saelab has no such hook."""
+    if not name:
+        return None
+    try:
+        return str(HookPoint.parse(name))
+    except ValueError:
+        return None
+
+
+def hook_to_tl(name: str | None) -> str | None:
+    """saelab 'resid_post.10' -> TransformerLens 'blocks.10.hook_resid_post' (SAELens hook names)."""
+    if not name:
+        return None
+    hp = HookPoint.parse(name)
+    return f"blocks.{hp.layer}.hook_{hp.kind}"
+
+
+def refuse(where: str, field: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"{where}: field {field!r} = {value!r} cannot be honoured: {why}")
+
+
+def unsupported_export(fmt: str, sae: SparseCoder, why: str) -> ValueError:
+    c = sae.cfg
+    kind = f"{c.architecture}{' transcoder' if c.transcoder else ''}{' with skip' if c.skip else ''}"
+    return ValueError(f"cannot export a saelab {kind} to {fmt}: {why}")
