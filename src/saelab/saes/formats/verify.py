@@ -39,6 +39,7 @@ def row_rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def compare_codes(z: torch.Tensor, z_ref: torch.Tensor, y: torch.Tensor, y_ref: torch.Tensor,
                   tol: float = TOL) -> dict[str, Any]:
     """z, z_ref: dense latents [batch, width]; y, y_ref: outputs [batch, d_out]."""
+    z, z_ref, y, y_ref = (t.detach().float() for t in (z, z_ref, y, y_ref))
     jac = row_jaccard(z, z_ref)
     err_z, err_y = row_rel_err(z, z_ref), row_rel_err(y, y_ref)
     out = {"rows": z.shape[0], "jaccard_min": float(jac.min()), "jaccard_mean": float(jac.mean()),
