@@ -79,21 +79,22 @@ def weights(sae: SparseCoder) -> dict[str, torch.Tensor]:
 
 
 def log_threshold_of(threshold: torch.Tensor, where: str) -> torch.Tensor:
-    """log(theta) for saelab's JumpReLU, chosen so that exp() gives back theta bit for bit
-    where float32 allows. A negative threshold lets negative pre-activations through in
-    saelab but not in ReLU-then-mask formats, so it is refused."""
+    """log(theta) for saelab's JumpReLU (threshold = exp(log_threshold)), chosen among the
+    float32 neighbours of log(theta) so that exp() gives theta back bit for bit; above e^1 not
+    every float32 is an exp() of a float32, and there it is the nearest (<= 1 ulp apart).
+    A negative threshold lets negative pre-activations through in saelab but not in
+    ReLU-then-mask formats, so it is refused."""
     theta = threshold.detach().to(torch.float32)
     if (theta < 0).any():
         raise ValueError(f"{where}: field 'threshold' has {int((theta < 0).sum())} negative values; "
                          "saelab's JumpReLU needs thresholds >= 0")
     lt = theta.double().log().float()
-    for _ in range(2):  # nudge by one ulp where float32 exp() misses theta
-        off = lt.exp() != theta
-        if not off.any():
-            break
-        direction = torch.where(lt.exp()[off] < theta[off], torch.tensor(float("inf")), torch.tensor(float("-inf")))
-        lt[off] = torch.nextafter(lt[off], direction)
-    return lt
+    up, down = torch.full_like(lt, float("inf")), torch.full_like(lt, float("-inf"))
+    cands = [lt, torch.nextafter(lt, up), torch.nextafter(lt, down)]
+    cands += [torch.nextafter(cands[1], up), torch.nextafter(cands[2], down)]
+    c = torch.stack(cands)  # [5, width]
+    err = (c.exp().double() - theta.double()).abs()
+    return c.gather(0, err.argmin(0, keepdim=True))[0]
 
 
 def fold_input_bias(b_enc: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
