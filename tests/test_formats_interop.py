@@ -214,6 +214,12 @@ def test_fidelity_on_embedded_model_activations(tmp_path):
     r = compare_codes(sae.encode(x), z_ref, sae.reconstruct(x), y_ref)
     assert r["passed"] and r["rows"] >= 200, r
     assert verify_against(sae, {}, "sae_lens", x)["passed"]
+    save(sae, {}, tmp_path / "wrong", "sae_lens")  # the published adapter bug, on real activations
+    cfg = json.loads((tmp_path / "wrong" / "cfg.json").read_text())
+    (tmp_path / "wrong" / "cfg.json").write_text(json.dumps({**cfg, "apply_b_dec_to_input": False}))
+    z, y = reference_encode("sae_lens", tmp_path / "wrong", x)
+    wrong = compare_codes(z, z_ref, y, y_ref)
+    assert not wrong["passed"] and wrong["jaccard_mean"] < 0.5, wrong
 
     jr = JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=4 * d))
     with torch.no_grad():

@@ -38,7 +38,7 @@ def detect(path: Path) -> bool:
     if not ((path / CFG).is_file() and (path / WEIGHTS).is_file()):
         return False
     cfg = read_json(path / CFG)
-    return cfg.get("format") != NATIVE_FORMAT and "d_in" in cfg and ("k" in cfg or "num_latents" in cfg)
+    return cfg.get("format") != NATIVE_FORMAT and "d_in" in cfg and "d_sae" not in cfg and ("k" in cfg or "num_latents" in cfg)
 
 
 def layers(path: Path) -> list[Path]:
