@@ -91,6 +91,27 @@ def test_saelens_saved_loads_identically(name, tmp_path):
     assert r["passed"] and r["l0_mean"] > 1, (name, r)
 
 
+@pytest.mark.parametrize("name", ["standard", "jumprelu", "gated_raw_input", "skip_transcoder"])
+def test_saelens_activation_scaling_is_folded(name, tmp_path):
+    """A training checkpoint: normalize_activations=expected_average_only_in with the factor in
+    activation_scaler.json. saelab folds it; the reference is SAELens's own fold."""
+    ref = SAELENS[name]()
+    randomise(ref, seed=4)
+    ref.cfg.normalize_activations = "expected_average_only_in"
+    ref.save_model(tmp_path)
+    (tmp_path / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 0.37}))
+    sae, _ = load(tmp_path)
+    ref = SAE.load_from_disk(str(tmp_path)).eval()
+    ref.fold_activation_norm_scaling_factor(0.37)
+    x = random_x() / 0.37
+    with torch.no_grad():
+        r = compare_codes(sae.encode(x), ref.encode(x), sae.reconstruct(x), ref(x))
+    assert r["passed"] and r["l0_mean"] > 1, r
+    (tmp_path / "activation_scaler.json").unlink()
+    with pytest.raises(ValueError, match="'normalize_activations' = 'expected_average_only_in' cannot be honoured"):
+        load(tmp_path)
+
+
 def test_saelens_topk_training_save_folds_norms(tmp_path):
     """SAELens's default TopK training config rescales by decoder norm and folds the norms into
     the weights in save_inference_model: what users actually have on disk."""

@@ -10,7 +10,9 @@ Architectures and their encode (SAELens v6.54):
                            as above without b_dec subtraction, W_skip [d_out, d_in]    -> transcoders
 BatchTopK / Matryoshka SAEs are saved for inference as jumprelu with one shared threshold.
 `apply_b_dec_to_input=False` on an SAE is honoured by folding b_dec into b_enc;
-`rescale_acts_by_decoder_norm` by folding the decoder norms into the encoder.
+`rescale_acts_by_decoder_norm` by folding the decoder norms into the encoder;
+`normalize_activations: expected_average_only_in` by folding the scaling factor of the
+checkpoint's activation_scaler.json (refused without one).
 A saelab export also leaves its own SAEConfig in metadata.saelab, so the round trip
 restores the architecture (e.g. batchtopk rather than jumprelu) exactly.
 """
@@ -40,6 +42,7 @@ from saelab.saes.formats.base import (
 )
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
+SCALER = "activation_scaler.json"  # {"scaling_factor": s}, saved with SAELens training checkpoints
 SCHEMA_VERSION = "6.0.0"  # the cfg.json layout written here (v6 field names, metadata block)
 TRANSCODERS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True),
                "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
@@ -73,11 +76,14 @@ def load(path: Path) -> tuple[SparseCoder, Meta]:
     arch = cfg["architecture"]
     if arch not in SUPPORTED:
         raise refuse(where, "architecture", arch, f"saelab reads {', '.join(SUPPORTED)}")
-    norm = cfg.get("normalize_activations", "none")
-    if norm != "none":
+    norm, scale = cfg.get("normalize_activations", "none"), None
+    if norm == "expected_average_only_in" and (path / SCALER).is_file():
+        scale = float(read_json(path / SCALER)["scaling_factor"])  # a training checkpoint: fold it below
+    elif norm != "none":
         raise refuse(where, "normalize_activations", norm,
                      "saelab SAEs take raw activations; fold the normalisation into the weights first "
-                     "(SAELens: sae.fold_activation_norm_scaling_factor(factor) then save_model)")
+                     f"(SAELens: sae.fold_activation_norm_scaling_factor(factor) then save_model, or keep {SCALER} "
+                     "next to an expected_average_only_in checkpoint)")
     if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
         raise refuse(where, "reshape_activations", cfg["reshape_activations"], "expected 'none' or 'hook_z'")
     if cfg.get("hook_head_index") is not None or cfg["metadata"].get("hook_head_index") is not None:
@@ -126,6 +132,8 @@ def load(path: Path) -> tuple[SparseCoder, Meta]:
             raise refuse(where, "metadata.saelab", sae_cfg.architecture, "its per-latent thresholds differ")
         t["threshold"] = theta[0].clone()
     ref = build(sae_cfg, t, where)
+    if scale is not None:  # trained on s * x (outputs s * y): as SAELens's fold_activation_norm_scaling_factor
+        ref.fold_input_scale(scale, scale)
     m = cfg["metadata"]
     meta = {"hook": hook_to_saelab(m.get("hook_name")), "hook_out": hook_to_saelab(m.get("hook_name_out")),
             "model": m.get("model_name"), "source_format": "saelens", "source_hook": m.get("hook_name")}
