@@ -219,6 +219,8 @@ def test_sparsify_refusals_and_multi_layer_folders(tmp_path):
     assert meta["hook"] == "resid_post.10" and torch.equal(weights(back)["W_enc"], weights(sae)["W_enc"])
     cfg_path = root / "layers.2" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "k": K + 1}))  # the file wins over a stale saelab.json
+    assert load(root / "layers.2")[0].cfg.k == K + 1
     (root / "layers.2" / "saelab.json").unlink()  # as sparsify itself writes it: the hook comes from the folder name
     assert load(root / "layers.2")[1]["hook"] == "resid_post.2"
     cfg_path.write_text(json.dumps({**cfg, "activation": "groupmax"}))

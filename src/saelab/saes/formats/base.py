@@ -48,12 +48,21 @@ def sae_config(architecture: str, d_in: int, width: int, d_out: int | None = Non
     return SAEConfig(**fields)
 
 
-def saved_config(block: Any, d_in: int, width: int) -> SAEConfig | None:
-    """The saelab SAEConfig an export left in the file's metadata, if it still fits the weights."""
+SAME_ENCODE = {"relu": ("relu", "panneal"), "jumprelu": ("jumprelu", "batchtopk", "matryoshka")}
+
+
+def saved_config(block: Any, from_file: SAEConfig) -> SAEConfig:
+    """The saelab SAEConfig an export left next to the weights (it names the architecture a
+    format cannot, e.g. batchtopk saved as JumpReLU) if it agrees with what the file itself
+    says; otherwise the config read from the file."""
     if not isinstance(block, dict) or "sae" not in block:
-        return None
-    cfg = SAEConfig.model_validate(block["sae"])
-    return cfg if (cfg.d_in, cfg.width) == (d_in, width) else None
+        return from_file
+    saved = SAEConfig.model_validate(block["sae"])
+    shape = ("d_in", "d_out", "width", "transcoder", "skip")
+    agrees = all(getattr(saved, f) == getattr(from_file, f) for f in shape) and \
+        saved.architecture in SAME_ENCODE.get(from_file.architecture, (from_file.architecture,)) and \
+        (from_file.architecture not in K_ARCHS or saved.k == from_file.k)
+    return saved if agrees else from_file
 
 
 def build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: str) -> SparseCoder:

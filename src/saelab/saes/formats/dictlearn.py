@@ -114,9 +114,8 @@ def load(path: Path) -> tuple[SparseCoder, Meta]:
     if arch == "matryoshka":
         sizes = raw["group_sizes"].tolist()
         extra["group_fractions"] = [s / width for s in sizes]
-    sae_cfg = saved_config(config.get("saelab"), d_in, width)
-    if sae_cfg is None or sae_cfg.architecture != arch:
-        sae_cfg = sae_config(arch, d_in, width, k=int(raw["k"]) if "k" in raw else None, **extra)
+    from_file = sae_config(arch, d_in, width, k=int(raw["k"]) if "k" in raw else None, **extra)
+    sae_cfg = saved_config(config.get("saelab"), from_file)
     hook = config.get("saelab", {}).get("hook")
     if hook is None and tr.get("layer") is not None:
         hook = hook_to_saelab(f"resid_post.{tr['layer']}") if "mlp" not in str(tr.get("submodule_name", "")) else None

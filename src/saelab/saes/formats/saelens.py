@@ -102,9 +102,10 @@ def load(path: Path) -> tuple[SparseCoder, Meta]:
         t["b_enc"], t["r_mag"], t["b_mag"] = sd.pop("b_gate"), sd.pop("r_mag"), sd.pop("b_mag")
     else:
         t["b_enc"] = sd.pop("b_enc")
-    theta = sd.pop("threshold", None)  # jumprelu: [width]
+    theta = None
     if base_arch == "jumprelu":
-        t["log_threshold"] = sd.pop("log_threshold") if "log_threshold" in sd else log_threshold_of(theta, where)
+        theta = sd.pop("threshold", None)  # [width]
+        t["log_threshold"] = sd.pop("log_threshold") if theta is None else log_threshold_of(theta, where)
     if skip:
         t["W_skip"] = sd.pop("W_skip").T
     if sd:
@@ -121,11 +122,9 @@ def load(path: Path) -> tuple[SparseCoder, Meta]:
         t["b_enc"] = fold_input_bias(t["b_enc"], t["b_dec"], t["W_enc"])
 
     d_out = int(cfg.get("d_out", d_in)) if transcoder else None
-    sae_cfg = saved_config(cfg["metadata"].get("saelab"), d_in, width)
-    same_math = {"relu": ("relu", "panneal"), "jumprelu": ("jumprelu", "batchtopk", "matryoshka")}.get(base_arch, (base_arch,))
-    if sae_cfg is None or sae_cfg.architecture not in same_math:
-        sae_cfg = sae_config(base_arch, d_in, width, d_out, transcoder=transcoder, skip=skip, k=cfg.get("k"))
-    elif sae_cfg.architecture in ("batchtopk", "matryoshka"):
+    sae_cfg = saved_config(cfg["metadata"].get("saelab"),
+                           sae_config(base_arch, d_in, width, d_out, transcoder=transcoder, skip=skip, k=cfg.get("k")))
+    if sae_cfg.architecture in ("batchtopk", "matryoshka"):
         lt = t.pop("log_threshold")
         theta = lt.exp() if theta is None else theta.float()
         if not bool((theta == theta[0]).all()):

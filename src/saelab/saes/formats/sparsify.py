@@ -77,9 +77,7 @@ def load(path: Path) -> tuple[SparseCoder, Meta]:
     if sd:
         raise ValueError(f"{path / WEIGHTS}: unexpected tensors {sorted(sd)}")
     side = read_json(path / SIDECAR) if (path / SIDECAR).is_file() else {}
-    sae_cfg = saved_config(side, d_in, width)
-    if sae_cfg is None or sae_cfg.architecture != "topk":
-        sae_cfg = sae_config("topk", d_in, width, transcoder=transcoder, skip=skip, k=cfg["k"])
+    sae_cfg = saved_config(side, sae_config("topk", d_in, width, transcoder=transcoder, skip=skip, k=cfg["k"]))
     meta = {"hook": side.get("hook") or hookpoint_to_saelab(path.name, transcoder),
             "hook_out": side.get("hook_out"), "model": side.get("model"),
             "source_format": "sparsify", "source_hook": path.name}
