@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--libs", default=",".join(LIBS))
     ap.add_argument("--archs", default="relu,topk,batchtopk,jumprelu,gated,matryoshka,panneal",
                     help="saelab architectures to time (a few steps each); empty to skip")
+    ap.add_argument("--arch-repeats", type=int, default=3)
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     n = (args.steps + args.warmup) * BATCH
@@ -201,8 +202,9 @@ def main() -> None:
                       "runs": rs}
     archs = {}
     for arch in filter(None, args.archs.split(",")):
-        n_steps = min(8, args.steps + args.warmup - 2)  # within the prepared batches
-        rs = [run_one(make_saelab("float32", arch), data, holdout, n_steps, 2, args.lr)["tokens_per_s"] for _ in range(3)]
+        n_steps = min(6, args.steps + args.warmup - 1)  # within the prepared batches
+        rs = [run_one(make_saelab("float32", arch), data, holdout, n_steps, 1, args.lr)["tokens_per_s"]
+              for _ in range(args.arch_repeats)]
         archs[arch] = round(statistics.median(rs))
         print(f"arch {arch}: {archs[arch]} tok/s", flush=True)
     report = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "

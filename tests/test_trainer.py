@@ -251,3 +251,28 @@ def test_kill_9_then_resume_via_cli_is_bit_identical(store, tmp_path):
     a = load_file(whole.checkpoint_dir / "sae.safetensors")
     b = load_file(tmp_path / "runs" / "killed" / "checkpoint" / "sae.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wandb_logging_in_offline_mode(store, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # a dev extra; training never requires it
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = train(_cfg(store, tmp_path, name="wb", tokens=256 * 20, wandb=True), progress=False)
+    offline = list((run.path / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert run.complete
+
+
+def test_wandb_missing_is_a_clear_error(store, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ValueError, match="pip install wandb"):
+        train(_cfg(store, tmp_path, name="nowb", tokens=256 * 5, wandb=True), progress=False)
