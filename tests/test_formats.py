@@ -111,6 +111,7 @@ def test_gemma_scope_npz_follows_the_published_encode(tmp_path):
     np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in p.items()})
     sae, meta = load(tmp_path)
     assert meta["format"] == "gemma_scope" and sae.cfg.architecture == "jumprelu" and not sae.cfg.transcoder
+    assert 0 <= meta["threshold_rel_err"] <= 3e-7  # exp(log_threshold) cannot hit every float32
     x = torch.randn(300, D, generator=g) * 3
     pre = x @ p["W_enc"] + p["b_enc"]
     z_ref = torch.relu(pre) * (pre > p["threshold"])
@@ -256,6 +257,7 @@ def test_convert_and_inspect_cli(tmp_path):
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
     assert info["format"] == "gemma_scope" and info["architecture"] == "jumprelu" and info["width"] == W
+    assert info["threshold_rel_err"] == 0.0  # thresholds written by saelab are exp() values already
     d = describe(sae, {"format": "saelab", **META})
     assert info["decoder_norm"] == pytest.approx(d["decoder_norm"])
     r = runner.invoke(app, ["inspect", str(tmp_path / "native")])

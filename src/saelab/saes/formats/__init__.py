@@ -146,6 +146,8 @@ def describe(sae: SparseCoder, meta: Meta) -> dict[str, Any]:
     }
     if c.architecture in ("topk", "batchtopk", "matryoshka"):
         out["k"] = c.k
+    if "threshold_rel_err" in meta:  # how far the file's JumpReLU thresholds moved on import
+        out["threshold_rel_err"] = meta["threshold_rel_err"]
     if "threshold" in w:
         out["threshold"] = float(w["threshold"])
     if "log_threshold" in w:

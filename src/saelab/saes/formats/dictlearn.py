@@ -36,6 +36,7 @@ from saelab.saes.formats.base import (
     refuse,
     sae_config,
     saved_config,
+    threshold_rel_err,
     unfold_input_bias,
     unsupported_export,
     weights,
@@ -121,7 +122,10 @@ def load(path: Path) -> tuple[SparseCoder, Meta]:
         hook = hook_to_saelab(f"resid_post.{tr['layer']}") if "mlp" not in str(tr.get("submodule_name", "")) else None
     meta = {"hook": hook, "hook_out": None, "model": tr.get("lm_name"), "source_format": "dictionary_learning",
             "source_hook": tr.get("submodule_name")}
-    return build(sae_cfg, t, where), meta
+    sae = build(sae_cfg, t, where)
+    if "threshold" in sd and sae_cfg.architecture == "jumprelu":
+        meta["threshold_rel_err"] = threshold_rel_err(sd["threshold"], sae)
+    return sae, meta
 
 
 def save(sae: SparseCoder, meta: Meta, path: Path) -> None:

@@ -27,6 +27,7 @@ from saelab.saes.formats.base import (
     hook_to_saelab,
     log_threshold_of,
     sae_config,
+    threshold_rel_err,
     unfold_input_bias,
     unsupported_export,
     weights,
@@ -66,7 +67,8 @@ def load(path: Path) -> tuple[SparseCoder, Meta]:
     meta = {"hook": info.get("hook") or hook_to_saelab(info.get("hook_name")), "hook_out": info.get("hook_out"),
             "model": info.get("model") or info.get("model_name"), "source_format": "gemma_scope",
             "source_hook": info.get("hook_name")}
-    return build(cfg, t, where), meta
+    sae = build(cfg, t, where)
+    return sae, {**meta, "threshold_rel_err": threshold_rel_err(sd["threshold"], sae)}
 
 
 def save(sae: SparseCoder, meta: Meta, path: Path) -> None:

@@ -37,6 +37,7 @@ from saelab.saes.formats.base import (
     refuse,
     sae_config,
     saved_config,
+    threshold_rel_err,
     unsupported_export,
     weights,
 )
@@ -136,6 +137,8 @@ def load(path: Path) -> tuple[SparseCoder, Meta]:
     m = cfg["metadata"]
     meta = {"hook": hook_to_saelab(m.get("hook_name")), "hook_out": hook_to_saelab(m.get("hook_name_out")),
             "model": m.get("model_name"), "source_format": "saelens", "source_hook": m.get("hook_name")}
+    if theta is not None:
+        meta["threshold_rel_err"] = threshold_rel_err(theta.float(), ref)
     return ref, meta
 
 
