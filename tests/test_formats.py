@@ -266,6 +266,8 @@ def test_convert_and_inspect_cli(tmp_path):
     assert r.exit_code == 2 and "cannot export a saelab jumprelu to sparsify" in r.output
     r = runner.invoke(app, ["inspect", str(tmp_path / "x_missing")])
     assert r.exit_code == 2 and "neither a local folder nor a hub id" in r.output
+    r = runner.invoke(app, ["inspect", "no-such-dir/sae"])  # tests are offline: the hub reading fails too
+    assert r.exit_code == 2 and "no such local folder, and no hub download" in r.output
     (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["inspect", str(tmp_path / "empty")])
     assert r.exit_code == 2 and "no known SAE format" in r.output

@@ -97,7 +97,10 @@ def _resolve(src: str | Path) -> Path:
     if len(parts) >= 2 and not text.startswith((".", "/")):
         from huggingface_hub import snapshot_download
         repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
-        root = Path(snapshot_download(repo, allow_patterns=f"{sub}/*" if sub else None))
+        try:
+            root = Path(snapshot_download(repo, allow_patterns=f"{sub}/*" if sub else None))
+        except Exception as e:  # offline, no such repo, ...: say both readings of the name
+            raise FileNotFoundError(f"{src}: no such local folder, and no hub download ({type(e).__name__}: {e})") from e
         return root / sub if sub else root
     raise FileNotFoundError(f"{src} is neither a local folder nor a hub id (owner/repo[/folder], saelens:RELEASE/ID)")
 
