@@ -17,6 +17,7 @@ pass at several hook points share their row order; `aligned(a, b)` checks it.
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import queue
 import random
@@ -95,6 +96,7 @@ class StoreWriter:
     def flush(self) -> None:
         if self._buf_rows == 0 and self._pending_contexts == 0:
             return
+        self.manifest["prev"] = copy.deepcopy({k: v for k, v in self.manifest.items() if k != "prev"})
         if self._buf_rows:
             tensors = {k: torch.cat(v) for k, v in self._buf.items()}
             _add_stats(self.manifest["stats"], tensors["acts"])
@@ -114,6 +116,19 @@ class StoreWriter:
         self._buf_rows = 0
         self._pending_excluded = {k: 0 for k in self._pending_excluded}
         self._pending_contexts = 0
+
+    def rollback(self, contexts_done: int) -> None:
+        """Undo the last flush if it went past `contexts_done` (to line up stores written in
+        one pass when a kill fell between their flushes)."""
+        if self.contexts_done == contexts_done:
+            return
+        prev = self.manifest.get("prev")
+        if self._buf_rows or not prev or prev["resume"]["contexts_done"] != contexts_done:
+            raise StoreError(f"{self.path}: cannot line up with the other stores of this harvest "
+                             f"({self.contexts_done} contexts done, the others {contexts_done}); delete "
+                             "the output directory and harvest again")
+        self.manifest = prev
+        write_json(self.path / "manifest.json", self.manifest)
 
     def finish(self, documents: list[str], extra: dict[str, Any] | None = None) -> ActivationStore:
         self.flush()
