@@ -149,3 +149,36 @@ def test_exclusions_are_counted_and_long_documents_truncated(tiny_model_dir, tin
         m["resume"]["contexts_done"] * 32
     with pytest.raises(ValueError, match="not a token of this tokenizer"):
         harvest(_cfg(tiny_model_dir, text_jsonl, tmp_path / "y", exclude_tokens=["no-such-token"]), loaded=tiny_loaded)
+
+
+def test_torchrun_sharded_harvest_equals_one_process(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path):
+    """2 gloo processes under torchrun, each on half the documents; the merged stores hold
+    the rows of a one-process harvest, in the same order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hooks = ["resid_pre.1", "mlp_out.2"]
+    cfg = _cfg(tiny_model_dir, text_jsonl, tmp_path / "dist", hook=hooks, tokens=2500)
+    cfg.save(tmp_path / "harvest.yaml")
+    src = str(Path(harvest_mod.__file__).parents[2])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "saelab.cli", "harvest", "--config", str(tmp_path / "harvest.yaml")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = harvest(_cfg(tiny_model_dir, text_jsonl, tmp_path / "one", hook=hooks, tokens=2500),
+                     loaded=tiny_loaded, progress=False)
+    for h in hooks:
+        merged = harvest_mod.ActivationStore(tmp_path / "dist" / h)
+        assert merged.manifest["merged_from"] == 2 and merged.n_tokens == single[h].n_tokens == 2500
+        a, b = _index(single[h]), _index(merged)
+        for k in ("tokens", "doc", "pos"):
+            assert torch.equal(a[k], b[k]), k
+        assert torch.allclose(a["acts"], b["acts"], atol=1e-5)
+        assert merged.manifest["rows_sha256"] == single[h].manifest["rows_sha256"]
+        for k in ("bos", "special", "listed"):  # padding depends on how contexts were batched
+            assert merged.manifest["excluded"][k] == single[h].manifest["excluded"][k]
+        assert torch.allclose(merged.mean, single[h].mean, atol=1e-5)
+    assert not list(tmp_path.glob("dist/.*"))  # rank stores merged and removed
