@@ -157,3 +157,22 @@ def test_unsupported_architecture_lists_modules():
         resolve(model, "resid_post.0")
     msg = str(e.value)
     assert "'opt'" in msg and "decoder.layers" in msg and "self_attn" in msg and "fc1" in msg
+
+
+@pytest.mark.embedded
+def test_embedded_model_semantics():
+    from saelab.models.load import load_model
+
+    lm = load_model("smollm2")
+    model = lm.model
+    enc = lm.tokenizer(["def f(x):\n    return x + 1", "To be, or not to be"], return_tensors="pt", padding=True)
+    ids, mask = enc.input_ids, enc.attention_mask
+    hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    L = 10
+    got = {hp.kind: x for hp, x in capture(model, [HookPoint(L, k) for k in KINDS], ids, mask).items()}
+    assert torch.equal(got["resid_pre"], hs[L]) and torch.equal(got["resid_post"], hs[L + 1])
+    assert torch.allclose(got["resid_mid"] + got["mlp_out"], got["resid_post"], atol=1e-4)
+    assert torch.allclose(mlp_fn(model, L)(got["mlp_in"]), got["mlp_out"], atol=1e-5)
+    clean = run_with_patch(model, HookPoint(L, "resid_post"), None, ids, mask)
+    for kind in ("resid_mid", "mlp_in"):
+        assert torch.equal(clean, run_with_patch(model, HookPoint(L, kind), lambda x: x.clone(), ids, mask))
