@@ -220,16 +220,16 @@ class ActivationStore:
     @property
     def mean(self) -> torch.Tensor:
         """Mean activation [d_in] (float32), from the running sums."""
-        return (torch.tensor(self.manifest["stats"]["sum"], dtype=torch.float64) / self.n_tokens).float()
+        return (torch.tensor(self.manifest["stats"]["sum"], dtype=torch.float64) / max(self.n_tokens, 1)).float()
 
     @property
     def mean_norm(self) -> float:
-        return self.manifest["stats"]["sum_norm"] / self.n_tokens
+        return self.manifest["stats"]["sum_norm"] / max(self.n_tokens, 1)
 
     @property
     def rms_norm(self) -> float:
         """sqrt(E||x||^2), e.g. to scale activations to norm sqrt(d_in)."""
-        return (self.manifest["stats"]["sum_sq_norm"] / self.n_tokens) ** 0.5
+        return (self.manifest["stats"]["sum_sq_norm"] / max(self.n_tokens, 1)) ** 0.5
 
     def rows(self, idx: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         """Random access: acts [n, d_in] (float32), tokens, doc, pos [n] of the given row numbers."""
