@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from saelab.activations.harvest import harvest
-from saelab.activations.store import ActivationStore, StoreWriter
+from saelab.activations.store import StoreWriter
 from saelab.config import HarvestConfig, SAEConfig, TrainConfig
 from saelab.data.corpus import iter_documents
 from saelab.data.tokens import batches, budgeted, contexts, excluded_ids, shuffled

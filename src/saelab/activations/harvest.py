@@ -62,7 +62,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None,
                 _run(cfg, parts, config_hash, loaded, progress and rank == 0, rank, world)
                 torch.distributed.barrier()
                 if rank == 0:
-                    for h, d in dirs.items():
+                    for d in dirs.values():
                         merge([ActivationStore(_rank_dir(d, r, world)) for r in range(world)], d, cfg.shard_tokens)
                 torch.distributed.barrier()
         finally:

@@ -11,7 +11,6 @@ from transformers import PreTrainedTokenizerBase
 
 from saelab.data.corpus import Document
 
-
 LONG_DOCS = ("chunk", "truncate")
 NO_LIMIT = 2**62
 
