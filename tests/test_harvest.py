@@ -182,3 +182,25 @@ def test_torchrun_sharded_harvest_equals_one_process(tiny_model_dir, tiny_loaded
             assert merged.manifest["excluded"][k] == single[h].manifest["excluded"][k]
         assert torch.allclose(merged.mean, single[h].mean, atol=1e-5)
     assert not list(tmp_path.glob("dist/.*"))  # rank stores merged and removed
+
+
+def test_harvest_an_encoder(text_jsonl, tmp_path):
+    """A BERT encoder (as the MiniLM in DATA.md) loads without a head and harvests like a decoder."""
+    from tiny import byte_tokenizer, tiny_config
+    from transformers import AutoModel
+
+    from saelab.models.load import load_model
+
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_config("bert")).save_pretrained(tmp_path / "bert")
+    byte_tokenizer().save_pretrained(tmp_path / "bert")
+    lm = load_model(str(tmp_path / "bert"))
+    assert type(lm.model).__name__ == "BertModel"
+    s = harvest(_cfg(tmp_path / "bert", text_jsonl, tmp_path / "s", hook="resid_post.2", tokens=400),
+                loaded=lm, progress=False)
+    row = s.rows([0])
+    docs = __import__("json").loads((s.path / "documents.json").read_text())
+    text = next(d.text for d in harvest_mod.iter_documents(str(text_jsonl), "train") if d.id == docs[int(row["doc"][0])])
+    ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(text, add_special_tokens=False)["input_ids"][:63]
+    hs = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    assert torch.allclose(row["acts"][0], hs[3][0, 1], atol=1e-5)  # bidirectional: the whole context counts
