@@ -163,10 +163,11 @@ def merge(parts: list[ActivationStore], out: Path, shard_tokens: int) -> Activat
     m0 = parts[0].manifest
     if len({p.manifest["config_hash"] for p in parts}) != 1:
         raise StoreError(f"cannot merge stores made with different configs: {[str(p.path) for p in parts]}")
+    if out.exists():  # a merge renames onto `out` only when whole: this is something else
+        raise StoreError(f"cannot merge the rank stores into {out}: it exists and is not this harvest's "
+                         "store; move it away or choose another output directory")
     tmp = out.parent / f".{out.name}.merging"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if out.exists():
-        shutil.rmtree(out)  # an earlier incomplete merge
+    shutil.rmtree(tmp, ignore_errors=True)  # an earlier merge that was killed
     keep = {k: v for k, v in m0.items() if k not in ("n_tokens", "shards", "excluded", "stats", "resume",
                                                      "complete", "rows_sha256", "rank", "wall_seconds")}
     writer = StoreWriter(tmp, {**keep, "rank": None, "merged_from": len(parts)}, shard_tokens)
