@@ -129,7 +129,8 @@ def harvest(
     list_hooks: bool = typer.Option(False, "--list-hooks", help="print the model's hook points and exit"),
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Run a model over text and store activations at a hook point (resumes if interrupted)."""
+    """Run a model over text and store activations at one or more hook points in one pass
+    (resumes if interrupted; under torchrun each process takes a share of the documents)."""
     from saelab.activations.harvest import harvest as run_harvest
 
     hooks = hook.split(",") if hook and "," in hook else hook
