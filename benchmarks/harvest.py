@@ -4,6 +4,9 @@
    the same batches (capture of the hook alone: no tokenizing, masking, copying or
    writing). Harvest time includes tokenizing, the store writes, checksums and fsync, so
    the ratio is conservative. Also with several hook points at that layer in one pass.
+   Under a shared machine's noise the two timings can be compared more robustly inside one
+   harvest: `--skip read --forward-share` times the forward (`capture`) calls within the
+   harvest itself and reports their share of its wall time (1 - share = the overhead).
 2. Store read throughput: shuffled float32 batches/s and GB/s from iter_batches (with and
    without the prefetch thread) vs what the trainer consumes (tokens/s of `train` on the
    same store, TopK width 4608, k 32, batch 4096).
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.activations import harvest as harvest_mod
 from saelab.activations.harvest import harvest
 from saelab.activations.store import StoreWriter
 from saelab.config import HarvestConfig, SAEConfig, TrainConfig
@@ -63,6 +67,37 @@ def bench_harvest(args, loaded, out: Path) -> dict:
             **{f"{k}_tokens_per_s": round(args.tokens / v, 1) for k, v in med.items()},
             "harvest_vs_bare": round(med["bare"] / med["harvest"], 3),
             "harvest_4_hooks_vs_bare": round(med["bare"] / med["harvest_4_hooks"], 3)}
+
+
+def bench_forward_share(args, loaded, out: Path) -> dict:
+    """Share of each harvest's wall time spent in the forward pass, measured inside it."""
+    hook = HookPoint.parse(args.hook)
+    many = [f"{k}.{hook.layer}" for k in ("resid_mid", "mlp_in", "mlp_out", "resid_post")]
+    real, spent = harvest_mod.capture, [0.0]
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    harvest_mod.capture = timed
+    res: dict = {}
+    try:
+        for name, hooks in (("1_hook", args.hook), ("4_hooks", many)):
+            shares = []
+            for _ in range(args.repeats):
+                shutil.rmtree(out / "fs", ignore_errors=True)
+                spent[0], t = 0.0, time.perf_counter()
+                harvest(HarvestConfig(model="smollm2", hook=hooks, tokens=args.tokens, ctx_len=args.ctx_len,
+                                      batch_size=args.batch_size, dtype=args.dtype, out=str(out / "fs")),
+                        loaded=loaded, progress=False)
+                shares.append(round(spent[0] / (time.perf_counter() - t), 4))
+            res[name] = {"forward_share_runs": shares, "forward_share_median": statistics.median(shares)}
+    finally:
+        harvest_mod.capture = real
+    return res
 
 
 def bench_read(args, out: Path) -> dict:
@@ -116,6 +151,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--out", default="/tmp/saelab-bench")
     p.add_argument("--skip", choices=["harvest", "read"], default=None)
+    p.add_argument("--forward-share", action="store_true", help="time the forward inside the harvest instead")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +159,8 @@ def main() -> None:
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "args": vars(args)}
     if args.skip != "harvest":
-        result["harvest"] = bench_harvest(args, load_model("smollm2", dtype=args.dtype), out)
+        loaded = load_model("smollm2", dtype=args.dtype)
+        result["harvest"] = (bench_forward_share if args.forward_share else bench_harvest)(args, loaded, out)
     if args.skip != "read":
         result["read"] = bench_read(args, out)
     print(json.dumps(result, indent=2))
