@@ -43,3 +43,11 @@ def text_jsonl(tmp_path_factory) -> Path:
             f.write(json.dumps({"id": doc.id, "text": doc.text[:3000]}) + "\n")
     return path
 
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_run(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path_factory):
+    """A TopK SAE trained on the tiny model's resid_post.1 (a RunDir), shared by the eval tests."""
+    from tiny import train_tiny_sae
+
+    return train_tiny_sae(tmp_path_factory.mktemp("tiny-sae"), tiny_model_dir, tiny_loaded, text_jsonl)

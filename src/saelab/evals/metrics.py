@@ -71,3 +71,46 @@ def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
     """(CE_zero - CE_sae) / (CE_zero - CE_clean)."""
     return (ce_zero - ce_sae) / (ce_zero - ce_clean)
+
+
+def explained_variance_legacy(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """LEGACY, for comparison with older SAELens/SAEBench numbers only: per-token
+    1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2 [tokens], to be averaged over tokens. A mean
+    of ratios: depends on the batch and is dominated by low-variance tokens."""
+    x64, h64 = x.double(), x_hat.double()
+    return 1 - (x64 - h64).pow(2).sum(-1) / (x64 - x64.mean(0)).pow(2).sum(-1).clamp_min(1e-12)
+
+
+def relative_reconstruction_bias(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """E||x_hat||^2 / E[x . x_hat] (Wright & Sharkey 2024, as in SAEBench core): 1 is unbiased,
+    below 1 the SAE shrinks its reconstructions."""
+    return float(x_hat.double().pow(2).sum(-1).mean() / (x.double() * x_hat.double()).sum(-1).mean())
+
+
+def density_histogram(freq: torch.Tensor, lo: float = -6.0, hi: float = 0.0, step: float = 0.5) -> dict:
+    """Histogram of log10(firing frequency) over latents; never-fired latents counted apart."""
+    alive = freq[freq > 0].double().log10().clamp(lo, hi)
+    edges = torch.arange(lo, hi + step / 2, step, dtype=torch.float64)
+    counts = torch.histc(alive, bins=len(edges) - 1, min=lo, max=hi) if alive.numel() else torch.zeros(len(edges) - 1)
+    return {"log10_edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts],
+            "never_fired": int((freq == 0).sum())}
+
+
+@torch.no_grad()
+def most_similar_decoder_pairs(W_dec: torch.Tensor, n: int, chunk: int = 1024) -> list[dict]:
+    """The n latent pairs (i < j) with the highest decoder cosine similarity. W_dec: [width, d]."""
+    if n == 0:
+        return []
+    W = F.normalize(W_dec.float(), dim=1)
+    best_v, best_i, best_j = [], [], []
+    for s in range(0, W.shape[0], chunk):
+        sims = W[s:s + chunk] @ W.T  # [chunk, width]
+        rows = torch.arange(s, s + sims.shape[0])
+        sims[rows[:, None] >= torch.arange(W.shape[0])[None, :]] = -2.0  # keep i < j only
+        v, idx = sims.flatten().topk(min(n, sims.numel()))
+        best_v.append(v)
+        best_i.append(rows[idx // W.shape[0]])
+        best_j.append(idx % W.shape[0])
+    v, i, j = torch.cat(best_v), torch.cat(best_i), torch.cat(best_j)
+    order = v.argsort(descending=True)[:n]
+    return [{"i": int(i[o]), "j": int(j[o]), "cosine": float(v[o])} for o in order]

@@ -1,18 +1,21 @@
 """The SparseCoder interface, the architecture registry, native save/load.
 
 Native checkpoint format (a directory):
-  sae.safetensors  W_enc [d_in, width], b_enc [width], W_dec [width, d_in], b_dec [d_in]
+  sae.safetensors  W_enc [d_in, width], b_enc [width], W_dec [width, d_out], b_dec [d_out],
+                   plus per-architecture tensors (threshold, r_mag, b_mag, W_skip [d_in, d_out])
   cfg.json         {"format": "saelab.sae/1", "sae": SAEConfig, "hook": ..., "model": ...}
-Encoding is always `z = act(x - b_dec) @ W_enc + b_enc)` and decoding `z @ W_dec + b_dec`:
-b_dec is subtracted from the input (the convention whose omission broke a published
-sparsify -> SAELens adapter).
+
+An SAE encodes `x - b_dec` (b_dec is subtracted from the input: the convention whose
+omission broke a published sparsify -> SAELens adapter). A transcoder maps an input hook to
+a different output hook, so b_dec lives in the output space and is not subtracted; an
+optional skip connection adds `x @ W_skip`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save
@@ -26,43 +29,83 @@ FORMAT = "saelab.sae/1"
 
 @dataclass
 class ForwardOutput:
-    x_hat: torch.Tensor  # [batch, d_in]
+    y_hat: torch.Tensor  # [batch, d_out]
     loss: torch.Tensor  # scalar: what the optimizer minimises
-    fvu: torch.Tensor  # scalar: fraction of variance unexplained on this batch
-    aux_loss: torch.Tensor  # scalar (0 when unused)
-    active: torch.Tensor  # indices of latents that fired in this batch (any shape)
+    fvu: torch.Tensor  # scalar, detached: fraction of variance unexplained on this batch
+    aux_loss: torch.Tensor  # scalar, detached: the architecture's auxiliary/sparsity term
+    active: torch.Tensor  # indices of the latents that fired in this batch (any shape)
     l0: float  # mean active latents per token
 
 
-class SparseCoder(nn.Module):
-    """encode / decode / forward-with-loss; decoder rows are latent directions."""
+@dataclass
+class LossContext:
+    """What the trainer tells a loss beyond the batch."""
 
-    cfg: SAEConfig
-    W_enc: nn.Parameter  # [d_in, width]
-    b_enc: nn.Parameter  # [width]
-    W_dec: nn.Parameter  # [width, d_in]
-    b_dec: nn.Parameter  # [d_in]
+    total_variance: torch.Tensor  # scalar: sum ||y - mean(y)||^2 over the (global) batch
+    n_tokens: int  # tokens in the (global) batch, for per-token penalties
+    dead_mask: torch.Tensor | None = None  # [width] bool, for AuxK
+    sparsity_scale: float = 1.0  # sparsity-coefficient warmup factor in [0, 1]
+    progress: float = 0.0  # fraction of training done, for schedules (p-annealing)
+
+
+class SparseCoder(nn.Module):
+    """encode / decode / loss; decoder rows are latent directions."""
+
+    unit_norm_decoder: ClassVar[bool] = True  # trainer keeps decoder rows at unit norm
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         if cfg.d_in is None:
             raise ValueError("SAEConfig.d_in must be set to build an SAE")
         self.cfg = cfg
+        d_in, d_out, m = cfg.d_in, cfg.d_out or cfg.d_in, cfg.width
+        W_dec = torch.randn(m, d_out)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        # encoder init = decoder transpose (or a scaled random matrix when the sizes differ).
+        # Stored as the transposed view of a contiguous [width, d_in] tensor: the public layout is
+        # [d_in, width], while gathers of latent rows and sparse row gradients need no copies.
+        W_enc_rows = W_dec.clone() if d_in == d_out else torch.randn(m, d_in) / d_in**0.5
+        W_enc_rows *= cfg.encoder_init_norm / W_enc_rows.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_enc_rows.t())
+        self.b_enc = nn.Parameter(torch.zeros(m))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.W_skip = nn.Parameter(torch.zeros(d_in, d_out)) if cfg.skip else None
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense latent activations [batch, width]."""
-        raise NotImplementedError
+    # --- shared pieces -------------------------------------------------------------------
+    @property
+    def transcoder(self) -> bool:
+        return self.cfg.transcoder
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Reconstruction [batch, d_in] from dense latents [batch, width]."""
-        return z @ self.W_dec + self.b_dec
+    def centered(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: x - b_dec for an SAE, x itself for a transcoder."""
+        return x if self.transcoder else x - self.b_dec
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
-        raise NotImplementedError
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations [batch, width] (before any nonlinearity)."""
+        return self.centered(x) @ self.W_enc + self.b_enc
+
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Output [batch, d_out] from dense latents [batch, width] (x needed for the skip)."""
+        y = z @ self.W_dec + self.b_dec
+        return y + x @ self.W_skip if self.W_skip is not None and x is not None else y
+
+    def skip_out(self, x: torch.Tensor) -> torch.Tensor | float:
+        return x @ self.W_skip if self.W_skip is not None else 0.0
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x), x)
 
+    # --- per architecture ----------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latent activations [batch, width], as used at inference (per token)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        """Training forward: x [batch, d_in] -> loss against target y [batch, d_out]."""
+        raise NotImplementedError
+
+    # --- constraints and folding ---------------------------------------------------------
     @torch.no_grad()
     def set_decoder_unit_norm(self) -> None:
         self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
@@ -75,6 +118,21 @@ class SparseCoder(nn.Module):
         parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
         self.W_dec.grad -= parallel * self.W_dec.data
 
+    @torch.no_grad()
+    def fold_input_scale(self, s_in: float, s_out: float) -> None:
+        """Fold a training-time normalisation (x_n = s_in x, y_n = s_out y) into the weights,
+        so the saved SAE takes and returns raw activations. Pre-activations are unchanged,
+        so thresholds need no change."""
+        self.W_enc.mul_(s_in)
+        if not self.transcoder:
+            self.b_dec.div_(s_in)  # (s x - b) W = (x - b / s)(s W)
+            self.W_dec.div_(s_out)  # with s_in == s_out, b_dec/s serves both sides
+        else:
+            self.W_dec.div_(s_out)
+            self.b_dec.div_(s_out)
+        if self.W_skip is not None:
+            self.W_skip.mul_(s_in / s_out)
+
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
         """Write the native checkpoint directory (atomic per file; cfg.json last)."""
         path = Path(path)
@@ -84,6 +142,11 @@ class SparseCoder(nn.Module):
             f.write(save(tensors))
         write_json(path / "cfg.json", {"format": FORMAT, "sae": self.cfg.model_dump(mode="json"),
                                        **(meta or {})})
+
+
+def fvu_of(err: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
+    """sum ||err||^2 / total variance (variance around the batch mean, summed over dims)."""
+    return err.pow(2).sum() / total_variance
 
 
 ARCHITECTURES: dict[str, type[SparseCoder]] = {}
@@ -104,7 +167,7 @@ def build_sae(cfg: SAEConfig, seed: int = 0) -> SparseCoder:
 
 
 def load_sae(path: str | Path) -> tuple[SparseCoder, dict[str, Any]]:
-    """Load a native checkpoint directory; returns the SAE and its cfg.json."""
+    """Load a native checkpoint directory; returns the SAE (eval mode) and its cfg.json."""
     path = Path(path)
     cfg_path, weights = path / "cfg.json", path / "sae.safetensors"
     for p in (cfg_path, weights):
@@ -114,9 +177,8 @@ def load_sae(path: str | Path) -> tuple[SparseCoder, dict[str, Any]]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     sae = build_sae(SAEConfig.model_validate(meta["sae"]))
-    state = load_file(weights)
-    sae.load_state_dict(state)
-    return sae, meta
+    sae.load_state_dict(load_file(weights))
+    return sae.eval(), meta
 
 
 def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:

@@ -1,28 +1,31 @@
-"""One training loop for every architecture: store -> SAE checkpoint in a run directory.
+"""One training loop for every architecture: (x, y) batches -> SAE checkpoint in a run dir.
 
-Adam with linear warmup and a linear decay to zero over the last part of training; the
-decoder is kept at unit norm (gradient parallel to each row removed, rows renormalised
-after each step); b_dec starts at the geometric median (or mean) of a sample; latents
-silent for `dead_tokens` tokens feed the AuxK loss. A resumable state (weights, optimizer,
-dead counters, step) is written atomically every `checkpoint_every` steps; rerunning the
-same command resumes from it, replaying the same data order.
+`Trainer` owns one sparse coder: optimizer (Adam or signum), lr warmup and linear decay,
+sparsity-coefficient warmup, unit-norm decoder (for architectures that want it: gradient
+parallel to each row removed, rows renormalised after each step), b_dec init at the
+geometric median (or mean) of a sample, dead-latent tracking feeding AuxK, input
+normalisation (E||x||^2 = d) folded into the weights at save, a resumable state written
+atomically every `checkpoint_every` steps, and a NaN guard. `train` feeds it from a
+store (or two, for a transcoder); `train_on_the_fly` (saelab.train.fly) feeds several
+from one pass of the model.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from saelab.activations.store import ActivationStore
-from saelab.config import TrainConfig
+from saelab.config import OptimFields, SAEConfig, TrainConfig
 from saelab.io import atomic_write
 from saelab.runs.rundir import RunDir
-from saelab.saes.base import SparseCoder, build_sae, geometric_median
+from saelab.saes import build_sae
+from saelab.saes.base import LossContext, geometric_median
+from saelab.train.data import StorePair
+from saelab.train.dist import Dist, from_env
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -30,7 +33,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def default_lr(width: int) -> float:
-    """Adam lr scaled with width as in Gao et al. 2024 / sparsify: 2e-4 / sqrt(width / 2^14)."""
+    """lr scaled with width as in Gao et al. 2024 / sparsify: 2e-4 / sqrt(width / 2^14)."""
     return 2e-4 / math.sqrt(width / 2**14)
 
 
@@ -42,119 +45,226 @@ def lr_factor(step: int, total: int, warmup: int, decay_start: float) -> float:
     return w * d
 
 
-def batch_stream(store: ActivationStore, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches: epoch after epoch, each in its own seeded order."""
-    for epoch in itertools.count():
-        n = 0
-        for b in store.iter_batches(batch_size, seed=seed, epoch=epoch):
-            n += 1
-            yield b
-        if n == 0:
-            raise ValueError(f"store {store.path} has {store.n_tokens} tokens, fewer than one "
-                             f"batch of {batch_size}; lower batch_size or harvest more")
+def norm_scale(x: torch.Tensor) -> float:
+    """s with E||s x||^2 = d (Anthropic's April 2024 normalisation), from a sample x: [n, d]."""
+    return math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().item())
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> RunDir:
-    """Train (or resume, or reuse a finished run with the same config); returns the run dir."""
-    store = ActivationStore(cfg.store)
-    if cfg.sae.d_in is not None and cfg.sae.d_in != store.d_in:
-        raise ValueError(f"SAE d_in {cfg.sae.d_in} does not match the store {store.path}: "
-                         f"its activations have d_in {store.d_in} ({store.hook} of {store.model})")
-    sae_cfg = cfg.sae.model_copy(update={"d_in": store.d_in})
+class Signum(torch.optim.Optimizer):
+    """Sign of the momentum (Bernstein et al. 2018): p -= lr * sign(beta m + (1 - beta) g)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("m", torch.zeros_like(p))
+                m.mul_(group["momentum"]).add_(p.grad, alpha=1 - group["momentum"])
+                p.add_(m.sign(), alpha=-group["lr"])
+
+
+class Trainer:
+    """One sparse coder being trained. Call `step(x, y)` with this rank's rows of each batch."""
+
+    def __init__(self, sae_cfg: SAEConfig, cfg: OptimFields, run: RunDir, total_steps: int,
+                 sample: tuple[torch.Tensor, torch.Tensor], lr: float | None = None, dist: Dist | None = None):
+        self.cfg, self.run, self.total_steps = cfg, run, total_steps
+        self.dist = dist or Dist()
+        self.sae = build_sae(sae_cfg, seed=cfg.seed)
+        self.lr = lr or cfg.lr or default_lr(sae_cfg.width)
+        params = list(self.sae.parameters())
+        self.opt = (torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999)) if cfg.optimizer == "adam"
+                    else Signum(params, lr=self.lr))
+        self.since_fired = torch.zeros(sae_cfg.width, dtype=torch.long)  # tokens since each latent fired
+        self.step_no, self.wall_before = 0, 0.0
+        x, y = sample
+        self.s_in = norm_scale(x) if cfg.normalize else 1.0
+        self.s_out = (self.s_in if y is x else norm_scale(y)) if cfg.normalize else 1.0
+        if run.state_file.is_file():
+            self._load_state()
+        else:
+            self._init_b_dec(y * self.s_out)
+        self.t0 = time.perf_counter()
+        self._wandb = _wandb_run(cfg, run) if cfg.wandb and self.dist.main else None
+
+    def _init_b_dec(self, y: torch.Tensor) -> None:
+        if self.cfg.b_dec_init == "zeros":
+            return
+        with torch.no_grad():
+            self.sae.b_dec.copy_(geometric_median(y) if self.cfg.b_dec_init == "geometric_median" else y.mean(0))
+
+    @property
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, Any] | None:
+        """One optimizer step on this rank's rows x [rows, d_in] (targets y [rows, d_out], None
+        for an SAE); returns the metrics row when one is logged."""
+        cfg, sae = self.cfg, self.sae
+        x = x * self.s_in
+        y = x if y is None else y * self.s_out
+        n_local = torch.tensor([float(x.shape[0])])
+        stats = self.dist.sum(torch.cat([n_local, y.sum(0), y.pow(2).sum().reshape(1)]).double())
+        n, mean = stats[0], stats[1:-1] / stats[0]
+        total_var = (stats[-1] - n * mean.pow(2).sum()).float()  # sum ||y - mean||^2, global
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr * lr_factor(self.step_no, self.total_steps, cfg.warmup_steps, cfg.decay_start)
+        dead = self.since_fired >= sae.cfg.dead_tokens
+        progress = self.step_no / self.total_steps
+        warm = sae.cfg.sparsity_warmup
+        ctx = LossContext(total_var, int(n), dead, min(1.0, progress / warm) if warm else 1.0, progress)
+        out = sae(x, y, ctx)
+        finite = self.dist.sum(torch.tensor([float(torch.isfinite(out.loss))]))
+        if finite.item() < self.dist.world:
+            self.save_state()
+            raise NonFiniteLossError(f"loss is {out.loss.item()} at step {self.step_no}; the state before "
+                                     f"this step is saved in {self.run.state_file}")
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.dist.sum_grads(sae.parameters())
+        if sae.unit_norm_decoder:
+            sae.remove_parallel_decoder_grad()
+        self.opt.step()
+        if sae.unit_norm_decoder:
+            sae.set_decoder_unit_norm()
+        fired = torch.zeros(sae.cfg.width, dtype=torch.int32)
+        fired[out.active.flatten().unique()] = 1
+        fired = self.dist.max(fired).bool()  # a latent is alive if it fired on any rank
+        self.since_fired += int(n)
+        self.since_fired[fired] = 0
+        self.step_no += 1
+        row = None
+        if self.step_no % cfg.log_every == 0 or self.step_no == self.total_steps:
+            parts = self.dist.sum(torch.tensor([out.fvu.item() * 1.0, out.aux_loss.item(), out.l0 * x.shape[0],
+                                                out.loss.item()], dtype=torch.float64))
+            row = {"step": self.step_no, "tokens": self.step_no * int(n), "loss": parts[3].item(),
+                   "fvu": parts[0].item(), "aux_loss": parts[1].item(), "l0": parts[2].item() / n.item(),
+                   "dead_fraction": float(dead.float().mean()), "lr": self.opt.param_groups[0]["lr"]}
+            if self.dist.main:
+                self.run.append_metrics(row)
+                if self._wandb is not None:
+                    self._wandb.log(row, step=self.step_no)
+        if self.step_no % cfg.checkpoint_every == 0 and self.step_no < self.total_steps:
+            self.save_state()
+        return row
+
+    def save_state(self) -> None:
+        if not self.dist.main:
+            return
+        with atomic_write(self.run.state_file) as f:
+            torch.save({"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "since_fired": self.since_fired,
+                        "step": self.step_no, "wall_seconds": self.wall, "s_in": self.s_in, "s_out": self.s_out}, f)
+
+    def _load_state(self) -> None:
+        state = torch.load(self.run.state_file, weights_only=True)
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.since_fired = state["since_fired"]
+        self.step_no, self.wall_before = int(state["step"]), float(state["wall_seconds"])
+        self.s_in, self.s_out = float(state["s_in"]), float(state["s_out"])
+
+    def finish(self, meta: dict[str, Any], summary_extra: dict[str, Any]) -> None:
+        """Fold the normalisation into the weights, save the checkpoint, summary and manifest."""
+        if not self.dist.main:
+            return
+        sae, cfg = self.sae, self.sae.cfg
+        sae.fold_input_scale(self.s_in, self.s_out)
+        sae.save(self.run.checkpoint_dir, {**meta, "normalization": {
+            "training_scale_in": self.s_in, "training_scale_out": self.s_out,
+            "folded": True, "note": "weights take and return raw activations"}})
+        last = self.run.metrics()[-1]
+        tokens = self.step_no * self.cfg.batch_size
+        self.run.write_manifest(self.cfg.seed, self.wall, world_size=self.dist.world, **meta)
+        self.run.write_summary({
+            "stage": "train", "name": self.run.path.name, "smoke": self.cfg.smoke,
+            "verdict": "smoke" if self.cfg.smoke else "novel",
+            "architecture": cfg.architecture, "transcoder": cfg.transcoder, "skip": cfg.skip,
+            "d_in": cfg.d_in, "d_out": cfg.d_out or cfg.d_in, "width": cfg.width, "k": cfg.k,
+            "steps": self.step_no, "tokens": tokens, "lr": self.lr, "optimizer": self.cfg.optimizer,
+            "train_fvu_last": last["fvu"], "train_l0_last": last["l0"],
+            "dead_fraction": float((self.since_fired >= cfg.dead_tokens).float().mean()),
+            "dead_definition": f"no activation in the last {cfg.dead_tokens} training tokens",
+            "wall_seconds": round(self.wall, 2), "tokens_per_second": round(tokens / max(self.wall, 1e-9), 1),
+            "world_size": self.dist.world, **summary_extra,
+        })
+        self.run.state_file.unlink(missing_ok=True)
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_run(cfg: OptimFields, run: RunDir):
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("wandb=True but the wandb package is not installed (pip install wandb)") from None
+    return wandb.init(project=cfg.wandb_project, name=run.path.name, dir=str(run.path),
+                      config=cfg.model_dump(mode="json"))
+
+
+def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> RunDir:
+    """Train from a store (or two); reuses a finished run with the same config and, when
+    `resume`, continues an interrupted one from its last checkpoint (else refuses to touch it).
+    Under torchrun every rank calls this; rank 0 writes the run directory."""
+    data = StorePair(cfg.store, cfg.store_out)
+    sae_cfg = cfg.sae
+    if sae_cfg.d_in is not None and sae_cfg.d_in != data.d_in:
+        raise ValueError(f"SAE d_in {sae_cfg.d_in} does not match the store {data.x.path}: "
+                         f"its activations have d_in {data.d_in} ({data.x.hook} of {data.x.model})")
+    if data.y is None and sae_cfg.transcoder:
+        raise ValueError("sae.transcoder=True needs store_out: the target activations (e.g. an mlp_out store)")
+    if data.y is not None and not sae_cfg.transcoder:
+        raise ValueError("store_out is given, so this is a transcoder: set sae.transcoder=true")
+    sae_cfg = sae_cfg.model_copy(update={"d_in": data.d_in, "d_out": data.d_out if data.y is not None else None})
     if sae_cfg.aux_k is not None and sae_cfg.aux_k > sae_cfg.width:
         raise ValueError(f"aux_k ({sae_cfg.aux_k}) exceeds width ({sae_cfg.width})")
-    run = RunDir.prepare(f"{cfg.runs_dir}/{cfg.name}", cfg)
+    dist = from_env()
+    if cfg.batch_size % dist.world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {dist.world} ranks")
+    run = RunDir.prepare(f"{cfg.runs_dir}/{cfg.name}", cfg) if dist.main else RunDir(f"{cfg.runs_dir}/{cfg.name}")
+    dist.barrier()
     if run.complete:
         return run
-
-    total_tokens = cfg.tokens or store.n_tokens
-    total_steps = max(1, total_tokens // cfg.batch_size)
-    lr = cfg.lr or default_lr(sae_cfg.width)
-
-    sae = build_sae(sae_cfg, seed=cfg.seed)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
-    since_fired = torch.zeros(sae_cfg.width, dtype=torch.long)  # tokens since each latent fired
-    step, wall_before = 0, 0.0
-
-    if run.state_file.is_file():
-        state = torch.load(run.state_file, weights_only=True)
-        sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["opt"])
-        since_fired = state["since_fired"]
-        step, wall_before = int(state["step"]), float(state["wall_seconds"])
-        run.truncate_metrics(step)
-    else:
-        run.truncate_metrics(0)
-        _init_b_dec(sae, store, cfg.b_dec_init)
-
-    stream = batch_stream(store, cfg.batch_size, cfg.seed)
-    for _ in range(step):  # replay the data order up to the resumed step
+    if run.state_file.is_file() and not resume:
+        step = torch.load(run.state_file, weights_only=True)["step"]
+        raise ValueError(f"run directory {run.path} holds an interrupted run (checkpoint at step {step}); "
+                         "pass --resume to continue it, or choose another --name")
+    total_steps = max(1, (cfg.tokens or data.n_tokens) // cfg.batch_size)
+    trainer = Trainer(sae_cfg, cfg, run, total_steps, data.sample(8192), dist=dist)
+    if dist.main:
+        run.truncate_metrics(trainer.step_no)
+    stream = data.batches(cfg.batch_size, cfg.seed)
+    for _ in range(trainer.step_no):  # replay the data order up to the resumed step
         next(stream)
-
-    t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {cfg.name}",
-               disable=not progress, dynamic_ncols=True)
-    while step < total_steps:
-        x = next(stream)  # [batch, d_in]
-        for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.decay_start)
-        dead = since_fired >= sae_cfg.dead_tokens
-        out = sae(x, dead_mask=dead)
-        if not torch.isfinite(out.loss):
-            _save_state(run, sae, opt, since_fired, step, wall_before + time.perf_counter() - t0)
-            raise NonFiniteLossError(f"loss is {out.loss.item()} at step {step}; the state before "
-                                     f"this step is saved in {run.state_file}")
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.set_decoder_unit_norm()
-
-        since_fired += x.shape[0]
-        since_fired[out.active.flatten().unique()] = 0
-        step += 1
-        if step % cfg.log_every == 0 or step == total_steps:
-            row = {"step": step, "tokens": step * cfg.batch_size, "loss": out.loss.item(),
-                   "fvu": out.fvu.item(), "aux_loss": out.aux_loss.item(), "l0": out.l0,
-                   "dead_fraction": float(dead.float().mean()), "lr": opt.param_groups[0]["lr"]}
-            run.append_metrics(row)
-            bar.set_postfix(fvu=f"{row['fvu']:.3f}", dead=f"{row['dead_fraction']:.3f}")
-        if step % cfg.checkpoint_every == 0 and step < total_steps:
-            _save_state(run, sae, opt, since_fired, step, wall_before + time.perf_counter() - t0)
+    val = StorePair(cfg.val_store).sample(cfg.val_tokens)[0] if cfg.val_store else None
+    bar = tqdm(total=total_steps, initial=trainer.step_no, unit="step", desc=f"train {cfg.name}",
+               disable=not progress or not dist.main, dynamic_ncols=True)
+    while trainer.step_no < total_steps:
+        x, y = next(stream)
+        row = trainer.step(dist.shard(x), None if y is x else dist.shard(y))
+        if row:
+            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
+        if val is not None and dist.main and trainer.step_no % cfg.val_every == 0:
+            run.append_metrics({"step": trainer.step_no, **validation_metrics(trainer, val)})
         bar.update(1)
     bar.close()
-
-    wall = wall_before + time.perf_counter() - t0
-    sae.save(run.checkpoint_dir, {"hook": store.hook, "model": store.model,
-                                  "model_source": store.manifest.get("model_source"),
-                                  "store": str(store.path)})
-    last = run.metrics()[-1]
-    dead_final = float((since_fired >= sae_cfg.dead_tokens).float().mean())
-    run.write_manifest(cfg.seed, wall, store=str(store.path), store_manifest_hash=store.manifest.get("config_hash"))
-    run.write_summary({
-        "stage": "train", "name": cfg.name, "smoke": cfg.smoke,
-        "verdict": "smoke" if cfg.smoke else "novel",
-        "architecture": sae_cfg.architecture, "d_in": sae_cfg.d_in, "width": sae_cfg.width,
-        "k": sae_cfg.k, "hook": store.hook, "model": store.model,
-        "steps": step, "tokens": step * cfg.batch_size, "lr": lr,
-        "train_fvu_last": last["fvu"], "dead_fraction": dead_final,
-        "dead_definition": f"no activation in the last {sae_cfg.dead_tokens} training tokens",
-        "wall_seconds": round(wall, 2), "tokens_per_second": round(step * cfg.batch_size / max(wall, 1e-9), 1),
-    })
-    run.state_file.unlink(missing_ok=True)
+    meta = {"hook": data.x.hook, "hook_out": data.y.hook if data.y is not None else None, "model": data.x.model,
+            "model_source": data.x.manifest.get("model_source"), "store": str(data.x.path),
+            "store_out": str(data.y.path) if data.y is not None else None}
+    trainer.finish(meta, {"hook": data.x.hook, "model": data.x.model})
+    dist.barrier()
     return run
 
 
-def _init_b_dec(sae: SparseCoder, store: ActivationStore, how: str, sample: int = 8192) -> None:
-    if how == "zeros":
-        return
-    x = store.all_acts(max_rows=sample)
-    with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(x) if how == "geometric_median" else x.mean(0))
-
-
-def _save_state(run: RunDir, sae: SparseCoder, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
-                step: int, wall: float) -> None:
-    with atomic_write(run.state_file) as f:
-        torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "since_fired": since_fired,
-                    "step": step, "wall_seconds": wall}, f)
+@torch.no_grad()
+def validation_metrics(trainer: Trainer, x: torch.Tensor) -> dict[str, float]:
+    """FVU and L0 of the current SAE on held-out activations (raw scale in, per-token encode)."""
+    sae = trainer.sae
+    xs = x * trainer.s_in
+    z = sae.encode(xs)
+    err = xs - sae.decode(z, xs)
+    return {"val_fvu": float(err.pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()),
+            "val_l0": float((z != 0).float().sum(1).mean())}

@@ -1,0 +1,227 @@
+"""Training speed and quality, side by side: saelab vs sparsify vs SAELens (TopK).
+
+Every library trains from the same initial data, the same batches in the same order, with
+the same width, k, batch size and optimizer (Adam, same lr), on the same machine in one
+run; libraries are interleaved over repeats and medians are reported. Reports tokens/s,
+FVU on held-out rows after the same number of tokens, achieved GFLOP/s (counting only the
+irreducible dense encoder forward, 2 d m FLOPs per token) and the measured float32 matmul
+GFLOP/s of the same shape (the limit), plus every saelab architecture's tokens/s.
+
+Needs a venv with saelab, eai-sparsify and sae-lens (torch==2.13.0 pinned):
+  python3 -m venv .bench && .bench/bin/pip install torch==2.13.0 -e . eai-sparsify sae-lens
+  .bench/bin/python benchmarks/train.py --data real --store STORE_DIR --out docs/bench_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+
+import torch
+
+D, WIDTH, K, BATCH = 576, 9216, 32, 4096
+
+
+def synthetic(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Sparse nonnegative mixtures of 16 of 8192 random unit directions, plus noise and an offset."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(8192, d, generator=g)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    out = torch.empty(n, d)
+    for s in range(0, n, 8192):
+        m = min(8192, n - s)
+        idx = torch.randint(0, 8192, (m, 16), generator=g)
+        coef = torch.rand(m, 16, generator=g) * 4
+        out[s:s + m] = torch.bmm(coef[:, None, :], dirs[idx]).squeeze(1) + 0.1 * torch.randn(m, d, generator=g) + 1.0
+    return out
+
+
+def matmul_gflops(n_rep: int = 7) -> float:
+    a, b = torch.randn(BATCH, D), torch.randn(D, WIDTH)
+    torch.mm(a, b)
+    ts = []
+    for _ in range(n_rep):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        ts.append(time.perf_counter() - t)
+    return 2 * BATCH * D * WIDTH / statistics.median(ts) / 1e9
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+# --- one trainer per library: init(x_sample) -> (step(x), reconstruct(x)) -----------------------
+
+def make_saelab(select: str = "float32", arch: str = "topk", normalize: bool = True):
+    from saelab.config import OptimFields, SAEConfig
+    from saelab.runs.rundir import RunDir
+    from saelab.train.trainer import Trainer
+
+    def init(sample, lr, total_steps):
+        run = RunDir(tempfile.mkdtemp())
+        run.path.mkdir(exist_ok=True)
+        # saelab's default trains on inputs scaled to E||x||^2 = d (folded into the weights at save)
+        cfg = OptimFields(batch_size=BATCH, lr=lr, b_dec_init="mean", normalize=normalize, warmup_steps=0,
+                          decay_start=1.0, log_every=10**9, checkpoint_every=10**9)
+        sae_cfg = SAEConfig(architecture=arch, d_in=D, width=WIDTH, k=K, topk_select_dtype=select)
+        t = Trainer(sae_cfg, cfg, run, total_steps, (sample, sample))
+
+        def reconstruct(x):
+            with torch.no_grad():
+                return t.sae.eval().reconstruct(x * t.s_in) / t.s_out
+        return (lambda x: t.step(x)), reconstruct
+    return init
+
+
+def make_sparsify():
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    def init(sample, lr, total_steps):
+        torch.manual_seed(0)
+        sae = SparseCoder(D, SparseCoderConfig(num_latents=WIDTH, k=K), device="cpu")
+        with torch.no_grad():
+            sae.b_dec.copy_(sample.mean(0))
+        opt = torch.optim.Adam(sae.parameters(), lr=lr)
+        since = torch.zeros(WIDTH, dtype=torch.long)
+
+        def step(x):
+            dead = since >= 10_000_000
+            out = sae(x, dead_mask=dead)
+            loss = out.fvu + (1 / 32) * out.auxk_loss
+            opt.zero_grad()
+            loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            sae.set_decoder_norm_to_unit_norm()
+            since.add_(x.shape[0])
+            since[out.latent_indices.flatten()] = 0
+
+        def reconstruct(x):
+            with torch.no_grad():
+                return sae(x).sae_out
+        return step, reconstruct
+    return init
+
+
+def make_saelens(sparse: bool):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    def init(sample, lr, total_steps):
+        torch.manual_seed(0)
+        # sparse activations fail in backward with the default rescale_acts_by_decoder_norm=True
+        # (sae-lens 6.54.12, torch 2.13: aten::view on SparseCPU), so the sparse variant turns it off
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=WIDTH, k=K, dtype="float32", device="cpu",
+                                                    use_sparse_activations=sparse,
+                                                    rescale_acts_by_decoder_norm=not sparse))
+        with torch.no_grad():
+            sae.b_dec.copy_(sample.mean(0))
+        opt = torch.optim.Adam(sae.parameters(), lr=lr)
+        coefs = {name: c.value for name, c in sae.get_coefficients().items()} if hasattr(sae, "get_coefficients") else {}
+        state = {"i": 0}
+
+        def step(x):
+            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefs, dead_neuron_mask=None,
+                                                           n_training_steps=state["i"], is_logging_step=False))
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            state["i"] += 1
+
+        def reconstruct(x):
+            with torch.no_grad():
+                return sae.decode(sae.encode(x))
+        return step, reconstruct
+    return init
+
+
+LIBS = {
+    "saelab": make_saelab("float32"),
+    "saelab-bf16select": make_saelab("bfloat16"),
+    "saelab-raw": make_saelab("float32", normalize=False),
+    "sparsify": make_sparsify(),
+    "saelens-sparse": make_saelens(True),
+    "saelens": make_saelens(False),
+}
+
+
+def run_one(init, data, holdout, steps, warmup, lr):
+    step, reconstruct = init(data[:8192], lr, steps + warmup)
+    times = []
+    for i in range(steps + warmup):
+        x = data[i * BATCH:(i + 1) * BATCH]
+        t = time.perf_counter()
+        step(x)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return {"tokens_per_s": BATCH / statistics.median(times), "fvu": fvu(holdout, reconstruct(holdout))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
+    ap.add_argument("--store", help="activation store for --data real (d_in must be 576)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=2e-4 / (WIDTH / 2**14) ** 0.5)
+    ap.add_argument("--libs", default=",".join(LIBS))
+    ap.add_argument("--archs", default="relu,topk,batchtopk,jumprelu,gated,matryoshka,panneal",
+                    help="saelab architectures to time (a few steps each); empty to skip")
+    ap.add_argument("--arch-repeats", type=int, default=3)
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+    n = (args.steps + args.warmup) * BATCH
+    if args.data == "real":
+        from saelab.activations.store import ActivationStore
+
+        data = ActivationStore(args.store).all_acts(max_rows=n + 8192)
+    else:
+        data = synthetic(n + 8192, D)
+    data, holdout = data[:n], data[n:n + 8192]
+    libs = args.libs.split(",")
+    results = {lib: [] for lib in libs}
+    peaks = []
+    for r in range(args.repeats):
+        peaks.append(matmul_gflops())
+        for lib in libs:  # interleaved, so slow phases of a shared machine hit every library
+            results[lib].append(run_one(LIBS[lib], data, holdout, args.steps, args.warmup, args.lr))
+            print(f"repeat {r} {lib}: {results[lib][-1]}", flush=True)
+    peak = statistics.median(peaks)
+    flop_per_token = 2 * D * WIDTH
+    table = {}
+    for lib, rs in results.items():
+        tps = statistics.median(x["tokens_per_s"] for x in rs)
+        table[lib] = {"tokens_per_s": round(tps), "fvu": round(statistics.median(x["fvu"] for x in rs), 4),
+                      "achieved_gflops": round(tps * flop_per_token / 1e9, 1),
+                      "fraction_of_matmul_limit": round(tps * flop_per_token / 1e9 / peak, 3),
+                      "runs": rs}
+    archs = {}
+    for arch in filter(None, args.archs.split(",")):
+        n_steps = min(6, args.steps + args.warmup - 1)  # within the prepared batches
+        rs = [run_one(make_saelab("float32", arch), data, holdout, n_steps, 1, args.lr)["tokens_per_s"]
+              for _ in range(args.arch_repeats)]
+        archs[arch] = round(statistics.median(rs))
+        print(f"arch {arch}: {archs[arch]} tok/s", flush=True)
+    report = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} torch threads", "data": args.data, "d_in": D, "width": WIDTH, "k": K,
+              "batch": BATCH, "optimizer": f"Adam lr {args.lr:.3g}", "tokens_trained": args.steps * BATCH + args.warmup * BATCH,
+              "matmul_fp32_gflops": round(peak, 1), "token_limit_per_s": round(peak * 1e9 / flop_per_token),
+              "libraries": table, "saelab_architectures_tokens_per_s": archs}
+    print(json.dumps({k: v for k, v in report.items() if k != "libraries"}, indent=1))
+    for lib, row in table.items():
+        print(f"{lib:18s} {row['tokens_per_s']:>8,} tok/s  FVU {row['fvu']:.4f}  {row['achieved_gflops']:6.1f} GFLOP/s "
+              f"({row['fraction_of_matmul_limit']:.0%} of the fp32 matmul limit)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

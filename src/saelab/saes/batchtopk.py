@@ -1,0 +1,68 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders").
+
+Training keeps the k * batch largest ReLU'd pre-activations across the whole batch (so
+tokens get a variable number of latents, k on average). For per-token use it learns a
+global threshold theta: an exponential moving average of the smallest value kept in each
+training batch; at inference a latent fires iff its pre-activation exceeds theta
+(a JumpReLU with one shared threshold). AuxK as in TopK.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from saelab.config import SAEConfig
+from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.sparse_ops import ragged_decode
+from saelab.saes.topk import auxk_loss
+
+THRESHOLD_EMA = 0.99
+
+
+def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k*batch largest entries of pre [batch, width] as (rows, cols, values), rows sorted."""
+    B, m = pre.shape
+    vals, flat = pre.reshape(-1).topk(k * B, sorted=False)
+    flat, order = flat.sort()
+    return flat // m, flat % m, vals[order]
+
+
+@register("batchtopk")
+class BatchTopKSAE(SparseCoder):
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token inference: JumpReLU with the learned global threshold."""
+        pre = F.relu(self.pre_acts(x))
+        if self.threshold < 0:
+            raise RuntimeError("BatchTopK threshold was never estimated: train the SAE first")
+        return pre * (pre > self.threshold)
+
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, cols, vals = batch_topk(pre, self.cfg.k)
+        keep = vals > 0
+        return rows[keep], cols[keep], vals[keep]
+
+    @torch.no_grad()
+    def update_threshold(self, vals: torch.Tensor) -> None:
+        if vals.numel() == 0:
+            return
+        low = vals.min()
+        self.threshold.copy_(low if self.threshold < 0 else THRESHOLD_EMA * self.threshold + (1 - THRESHOLD_EMA) * low)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        pre = F.relu(self.pre_acts(x))  # [batch, width]
+        rows, cols, vals = self.select(pre)
+        self.update_threshold(vals.detach())
+        y_hat = self.decode_selected(rows, cols, vals, x)
+        err = y - y_hat
+        fvu = fvu_of(err, ctx.total_variance)
+        aux = auxk_loss(self, pre, err, ctx)
+        loss = fvu + self.cfg.aux_coef * aux
+        return ForwardOutput(y_hat, loss, fvu.detach(), aux.detach(), cols, rows.numel() / x.shape[0])
+
+    def decode_selected(self, rows, cols, vals, x) -> torch.Tensor:
+        return ragged_decode(rows, cols, vals, self.W_dec, x.shape[0]) + self.b_dec + self.skip_out(x)

@@ -1,0 +1,82 @@
+"""Training data: (x, y) batches from a store, two row-aligned stores, or the model itself."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+
+from saelab.activations.store import ActivationStore, StoreError
+
+
+class StorePair:
+    """Input and target activations: one store (an SAE, y = x) or two row-aligned stores."""
+
+    def __init__(self, store: str, store_out: str | None = None):
+        self.x = ActivationStore(store)
+        self.y = ActivationStore(store_out) if store_out else None
+        if self.y is not None:
+            check_aligned(self.x, self.y)
+
+    @property
+    def d_in(self) -> int:
+        return self.x.d_in
+
+    @property
+    def d_out(self) -> int:
+        return (self.y or self.x).d_in
+
+    @property
+    def n_tokens(self) -> int:
+        return self.x.n_tokens
+
+    def sample(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x.all_acts(max_rows=rows)
+        return x, (self.y.all_acts(max_rows=rows) if self.y is not None else x)
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless shuffled (x [B, d_in], y [B, d_out]) batches, epoch after epoch, each epoch's
+        order fixed by (seed, epoch). A pair is shuffled as one [rows, d_in + d_out] array."""
+        for epoch in itertools.count():
+            n = 0
+            if self.y is None:
+                for b in self.x.iter_batches(batch_size, seed=seed, epoch=epoch):
+                    n += 1
+                    yield b, b
+            else:
+                for b in _paired(self.x, self.y, batch_size, seed, epoch):
+                    n += 1
+                    yield b[:, :self.d_in], b[:, self.d_in:]
+            if n == 0:
+                raise ValueError(f"store {self.x.path} has {self.n_tokens} tokens, fewer than one "
+                                 f"batch of {batch_size}; lower batch_size or harvest more")
+
+
+def check_aligned(a: ActivationStore, b: ActivationStore) -> None:
+    """Two stores pair row by row iff they hold the same tokens in the same order."""
+    if a.n_tokens != b.n_tokens or [s["rows"] for s in a.shards] != [s["rows"] for s in b.shards]:
+        raise StoreError(f"stores {a.path} ({a.n_tokens} rows) and {b.path} ({b.n_tokens} rows) are not "
+                         "row-aligned: harvest both hooks in one pass (or with the same text, seed and budget)")
+    for i in range(len(a.shards)):
+        sa, sb = a.load_shard(i), b.load_shard(i)
+        if not all(torch.equal(sa[k], sb[k]) for k in ("tokens", "doc", "pos")):
+            raise StoreError(f"stores {a.path} and {b.path} differ in the tokens of shard {i}: not row-aligned")
+
+
+def _paired(a: ActivationStore, b: ActivationStore, batch_size: int, seed: int, epoch: int):
+    """iter_batches over the column-wise concatenation of two aligned stores."""
+    joined = _Joined(a, b)
+    return ActivationStore.iter_batches(joined, batch_size, seed=seed, epoch=epoch)  # type: ignore[arg-type]
+
+
+class _Joined:
+    """Duck-types the parts of ActivationStore that iter_batches uses, over two stores."""
+
+    def __init__(self, a: ActivationStore, b: ActivationStore):
+        self.a, self.b = a, b
+        self.shards = a.shards
+        self.d_in = a.d_in + b.d_in
+
+    def load_shard(self, i: int) -> dict[str, torch.Tensor]:
+        return {"acts": torch.cat([self.a.load_shard(i)["acts"].float(), self.b.load_shard(i)["acts"].float()], 1)}

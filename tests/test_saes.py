@@ -1,0 +1,180 @@
+import pytest
+import torch
+
+from saelab.config import ARCHITECTURE_NAMES, SAEConfig
+from saelab.saes import ARCHITECTURES, build_sae, load_sae
+from saelab.saes.base import LossContext, geometric_median
+from saelab.saes.batchtopk import batch_topk
+from saelab.saes.matryoshka import group_bounds
+from saelab.saes.panneal import p_at
+from saelab.saes.sparse_ops import ragged_decode, sparse_decode, topk_encode
+
+ARCHS = sorted(ARCHITECTURES)
+
+
+def synthetic(n=2048, d=16, m_true=48, k_true=3, seed=0):
+    """Sparse ground truth: each row a nonnegative mix of k_true of m_true unit directions, plus an offset."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(m_true, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    idx = torch.stack([torch.randperm(m_true, generator=g)[:k_true] for _ in range(n)])
+    coef = torch.rand(n, k_true, generator=g) * 2 + 0.5
+    return (coef[:, :, None] * D[idx]).sum(1) + 0.3
+
+
+def ctx_for(y, **kw):
+    return LossContext((y - y.mean(0)).pow(2).sum(), y.shape[0], **kw)
+
+
+def _cfg(arch, **kw):
+    base = dict(architecture=arch, d_in=16, width=64, k=4, sparsity_coef={"relu": 0.05, "panneal": 0.05,
+                "gated": 0.05, "jumprelu": 0.02}.get(arch))
+    return SAEConfig(**{**base, **kw})
+
+
+def test_registry_matches_config_names():
+    assert set(ARCHITECTURES) == set(ARCHITECTURE_NAMES)
+    with pytest.raises(ValueError, match="valid: relu, topk, batchtopk"):
+        SAEConfig(architecture="sparse-magic")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_learns_a_sparse_code(arch):
+    torch.manual_seed(0)
+    x = synthetic()
+    sae = build_sae(_cfg(arch), seed=0)
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    first = None
+    for step in range(300):
+        b = x[(step * 256) % 2048:(step * 256) % 2048 + 256]
+        out = sae(b, b, ctx_for(b, progress=step / 300))
+        first = first if first is not None else out.fvu.item()
+        opt.zero_grad()
+        out.loss.backward()
+        if sae.unit_norm_decoder:
+            sae.remove_parallel_decoder_grad()
+        opt.step()
+        if sae.unit_norm_decoder:
+            sae.set_decoder_unit_norm()
+    sae.eval()
+    z = sae.encode(x)
+    fvu = ((x - sae.decode(z, x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    l0 = (z != 0).float().sum(1).mean().item()
+    assert fvu < 0.5 * first and fvu < 0.35, (arch, first, fvu)
+    assert 0.5 < l0 < 40, (arch, l0)
+    assert torch.allclose(sae.reconstruct(x), sae.decode(z, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_is_exact_and_fold_matches_scaled_training(arch, tmp_path):
+    sae = build_sae(_cfg(arch), seed=1)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+        if hasattr(sae, "threshold") and isinstance(sae.threshold, torch.Tensor) and sae.threshold.ndim == 0:
+            sae.threshold.fill_(0.05)
+    x = synthetic(n=64) * 7.0
+    s = 0.3
+    scaled_out = sae.reconstruct(x * s) / s  # what the SAE trained on x*s predicts, in raw units
+    sae.fold_input_scale(s, s)
+    assert torch.allclose(sae.reconstruct(x), scaled_out, rtol=1e-4, atol=1e-4), arch
+    sae.save(tmp_path / "ck", {"hook": "resid_post.1"})
+    loaded, meta = load_sae(tmp_path / "ck")
+    assert type(loaded) is type(sae) and meta["hook"] == "resid_post.1"
+    assert torch.equal(loaded.reconstruct(x), sae.eval().reconstruct(x))
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "relu"])
+def test_transcoder_with_skip_learns_a_map(arch):
+    torch.manual_seed(0)
+    x = synthetic(d=16)
+    M = torch.randn(16, 12) / 4
+    y = torch.relu(x @ M) + x[:, :12] * 0.5  # a nonlinear map plus a linear part the skip can take
+    cfg = _cfg(arch, transcoder=True, skip=True, d_out=12, width=96)
+    sae = build_sae(cfg, seed=0)
+    assert sae.W_skip.shape == (16, 12) and sae.W_enc.shape == (16, 96) and sae.W_dec.shape == (96, 12)
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for step in range(300):
+        b, t = x[(step * 256) % 2048:][:256], y[(step * 256) % 2048:][:256]
+        out = sae(b, t, ctx_for(t, progress=step / 300))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.fvu < 0.3 and sae.W_skip.abs().sum() > 0
+    # a transcoder does not subtract b_dec (it lives in the output space)
+    assert torch.equal(sae.centered(x), x)
+
+
+def test_sparse_topk_kernel_matches_dense_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(300, 24)
+    W = torch.randn(24, 80, requires_grad=True)
+    b = torch.randn(80, requires_grad=True)
+    W_dec = torch.randn(80, 24, requires_grad=True)
+    vals, idx = topk_encode(x, W, b, 6)
+    (sparse_decode(vals, idx, W_dec).pow(2).sum()).backward()
+    grads = [t.grad.clone() for t in (W, b, W_dec)]
+    for t in (W, b, W_dec):
+        t.grad = None
+    dv, di = torch.relu(x @ W + b).topk(6, dim=-1, sorted=False)
+    assert torch.equal(di.sort(-1).values, idx.sort(-1).values)
+    dense = torch.zeros(300, 80).scatter(-1, di, dv)
+    (dense @ W_dec).pow(2).sum().backward()
+    for g, t in zip(grads, (W, b, W_dec), strict=True):
+        assert torch.allclose(g, t.grad, rtol=1e-4, atol=1e-6 * t.grad.abs().max())  # float32 sum order
+
+
+def test_bf16_selection_recomputes_exact_values():
+    torch.manual_seed(0)
+    x, W, b = torch.randn(100, 32), torch.randn(32, 128), torch.randn(128)
+    vals, idx = topk_encode(x, W, b, 8, torch.bfloat16)
+    exact = torch.relu(x @ W + b).gather(1, idx)
+    assert torch.allclose(vals, exact, atol=1e-5)
+    ref = torch.relu(x @ W + b).topk(8, dim=-1).indices
+    overlap = sum(len(set(a.tolist()) & set(r.tolist())) for a, r in zip(idx, ref, strict=True)) / ref.numel()
+    assert overlap > 0.9
+
+
+def test_batch_topk_and_ragged_decode():
+    pre = torch.tensor([[5.0, 0.1, 0.0], [0.2, 4.0, 3.0]])
+    rows, cols, vals = batch_topk(pre, k=1)  # 2 largest over the batch: both in row... 5 and 4
+    assert rows.tolist() == [0, 1] and cols.tolist() == [0, 1] and vals.tolist() == [5.0, 4.0]
+    W = torch.eye(3)
+    out = ragged_decode(torch.tensor([1, 1]), torch.tensor([1, 2]), torch.tensor([4.0, 3.0]), W, batch=3)
+    assert out.tolist() == [[0, 0, 0], [0, 4, 3], [0, 0, 0]]
+
+
+def test_batchtopk_threshold_gives_per_token_inference():
+    sae = build_sae(_cfg("batchtopk"), seed=0)
+    x = synthetic(n=512)
+    with pytest.raises(RuntimeError, match="never estimated"):
+        sae.encode(x)
+    sae(x, x, ctx_for(x))
+    assert sae.threshold > 0
+    l0 = (sae.encode(x) != 0).float().sum(1).mean()
+    assert 1 <= l0 <= 12  # the threshold is the smallest kept value, so per-token L0 is near k=4
+
+
+def test_matryoshka_groups_and_panneal_schedule():
+    assert group_bounds(64, [1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2]) == [4, 8, 16, 32, 64]
+    with pytest.raises(ValueError, match="empty group"):
+        group_bounds(8, [0.01, 0.99])
+    assert p_at(0.1, 0.5) == 1.0 and p_at(0.95, 0.5) == 0.5 and 0.5 < p_at(0.5, 0.5) < 1.0
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="k .* must be smaller than width"):
+        SAEConfig(width=8, k=8)
+    with pytest.raises(ValueError, match="skip=True needs transcoder"):
+        SAEConfig(skip=True)
+    with pytest.raises(ValueError, match="sparsity_coef"):
+        SAEConfig(sparsity_coef=-1)
+    with pytest.raises(ValueError, match="sum to 1"):
+        SAEConfig(architecture="matryoshka", group_fractions=[0.5, 0.2])
+
+
+def test_geometric_median_resists_outliers():
+    x = torch.cat([torch.randn(200, 3) * 0.1, torch.full((20, 3), 100.0)])
+    assert geometric_median(x).norm() < 1.0 < x.mean(0).norm()
