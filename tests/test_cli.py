@@ -53,3 +53,16 @@ def test_clear_errors(tiny_model_dir, text_jsonl, tmp_path):
     assert r.exit_code == 2 and "sae.sparsity_coef" in r.output
     r = runner.invoke(app, ["harvest", "--list-hooks", "--model", str(tiny_model_dir)])
     assert r.exit_code == 0 and "resid_post.2" in r.output.split()
+
+
+def test_harvest_many_hooks_from_the_cli(tiny_model_dir, text_jsonl, tmp_path):
+    r = runner.invoke(app, ["harvest", "--model", str(tiny_model_dir), "--hook", "mlp_in.1,blocks.1.hook_mlp_out",
+                            "--text", str(text_jsonl), "--tokens", "500", "--out", str(tmp_path / "s"),
+                            "--set", "ctx_len=64", "--set", "exclude_tokens=['Ġ']"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("500 tokens x 32") == 2
+    m = json.loads((tmp_path / "s" / "mlp_out.1" / "manifest.json").read_text())
+    assert m["hooks"] == ["mlp_in.1", "mlp_out.1"] and m["excluded"]["listed"] > 0
+    r = runner.invoke(app, ["harvest", "--model", str(tiny_model_dir), "--hook", "resid_mid.0", "--text",
+                            str(tmp_path / "nope.parquet")])
+    assert r.exit_code == 2 and "nope.parquet" in r.output

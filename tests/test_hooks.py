@@ -1,32 +1,65 @@
 import pytest
 import torch
-from tiny import save_tiny
+from tiny import tiny_config
 
 from saelab.models.hooks import (
+    ARCHS,
     KINDS,
     HookPoint,
+    arch_of,
     capture,
+    mlp_fn,
     resolve,
     run_with_patch,
     valid_hook_points,
 )
-from saelab.models.load import load_model
+
+# tiny random configs per family (no download); extra kwargs keep them small and valid
+FAMILIES = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 8},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                  "shared_expert_intermediate_size": 16},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "head_dim": 8},
+    "gemma2": {"head_dim": 8}, "gemma3_text": {"head_dim": 8},
+    "gpt2": {"n_inner": 64},
+    "gpt_neox": {},  # Pythia: parallel attention + MLP
+    "gpt_neox-sequential": {"use_parallel_residual": False},
+    "bert": {},  # an encoder (as the MiniLM in DATA.md)
+}
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
-def family(request, tmp_path_factory):
-    return load_model(str(save_tiny(tmp_path_factory.mktemp(request.param), request.param)))
+def build(family: str) -> torch.nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model_type = family.split("-")[0]
+    torch.manual_seed(0)
+    cfg = tiny_config(model_type, **FAMILIES[family])
+    auto = AutoModel if model_type == "bert" else AutoModelForCausalLM
+    return auto.from_config(cfg).eval().requires_grad_(False)
 
 
-def _ids(lm, texts=("def f(x):\n    return x + 1", "To be, or not to be")):
-    enc = lm.tokenizer(list(texts), return_tensors="pt", padding=True)
-    return enc.input_ids, enc.attention_mask
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    return request.param, build(request.param)
+
+
+def _ids(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 259, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # a padded row
+    return ids, mask
+
+
+def _parallel(model):
+    arch = arch_of(model)
+    return bool(arch.parallel and getattr(model.config, arch.parallel))
 
 
 def test_parse_hook_names():
     assert HookPoint.parse("resid_post.2") == HookPoint(2, "resid_post")
-    assert HookPoint.parse("blocks.2.hook_resid_post") == HookPoint(2, "resid_post")
-    assert str(HookPoint(3, "mlp_out")) == "mlp_out.3"
+    assert HookPoint.parse("blocks.2.hook_resid_mid") == HookPoint(2, "resid_mid")
+    assert str(HookPoint(3, "mlp_in")) == "mlp_in.3"
     with pytest.raises(ValueError, match="kinds: resid_pre"):
         HookPoint.parse("resid_middle.1")
     with pytest.raises(ValueError, match="KIND.LAYER"):
@@ -40,30 +73,64 @@ def test_out_of_range_lists_valid_points(tiny_loaded):
     assert len(valid_hook_points(tiny_loaded.model)) == 3 * len(KINDS)
 
 
-def test_semantics_match_hidden_states(family):
-    model = family.model
-    ids, mask = _ids(family)
+def test_semantics_per_family(family):
+    name, model = family
+    ids, mask = _ids()
     hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     n = model.config.num_hidden_layers
+    kinds = [k for k in KINDS if not (k == "resid_mid" and _parallel(model))]
     for L in range(n):
-        got = capture(model, [HookPoint(L, k) for k in KINDS], ids, mask)
-        pre, attn, mlp, post = (got[HookPoint(L, k)] for k in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
-        assert torch.equal(pre, hs[L])
-        if L < n - 1:  # the last hidden state has the final norm applied: resid_post is not it
-            assert torch.equal(post, hs[L + 1])
-        assert torch.allclose(pre + attn + mlp, post, atol=1e-5)
-    last = capture(model, [HookPoint(n - 1, "resid_post")], ids, mask)[HookPoint(n - 1, "resid_post")]
-    assert not torch.allclose(last, hs[n])
+        got = {hp.kind: x for hp, x in capture(model, [HookPoint(L, k) for k in kinds], ids, mask).items()}
+        assert torch.equal(got["resid_pre"], hs[L])
+        if L < n - 1 or name == "bert":  # decoders: the last hidden state has the final norm applied
+            assert torch.equal(got["resid_post"], hs[L + 1])
+        # mlp_in through the block's real MLP is the captured mlp_out
+        assert torch.allclose(mlp_fn(model, L)(got["mlp_in"]), got["mlp_out"], atol=1e-6)
+        if name == "bert":  # post-norm: resid_mid = LN(resid_pre + attn_out) feeds the MLP directly
+            assert torch.equal(got["resid_mid"], got["mlp_in"])
+        elif _parallel(model):
+            assert torch.allclose(got["resid_pre"] + got["attn_out"] + got["mlp_out"], got["resid_post"], atol=1e-5)
+        else:
+            assert torch.allclose(got["resid_pre"] + got["attn_out"], got["resid_mid"], atol=1e-5)
+            assert torch.allclose(got["resid_mid"] + got["mlp_out"], got["resid_post"], atol=1e-5)
+            assert not torch.allclose(got["mlp_in"], got["resid_mid"])  # mlp_in is normalised
+    if name != "bert":
+        last = capture(model, [HookPoint(n - 1, "resid_post")], ids, mask)[HookPoint(n - 1, "resid_post")]
+        assert not torch.allclose(last, hs[n])
 
 
 def test_identity_splice_leaves_logits_bit_identical(family):
-    ids, mask = _ids(family)
-    clean = run_with_patch(family.model, HookPoint(0, "resid_post"), None, ids, mask)
-    for kind in KINDS:
-        patched = run_with_patch(family.model, HookPoint(1, kind), lambda x: x.clone(), ids, mask)
-        assert torch.equal(clean, patched), kind
-    zeroed = run_with_patch(family.model, HookPoint(1, "mlp_out"), torch.zeros_like, ids, mask)
-    assert not torch.equal(clean, zeroed)
+    name, model = family
+    ids, mask = _ids(1)
+    clean = run_with_patch(model, HookPoint(0, "resid_post"), None, ids, mask)
+    for L in range(model.config.num_hidden_layers):
+        for kind in KINDS:
+            if kind == "resid_mid" and _parallel(model):
+                continue
+            patched = run_with_patch(model, HookPoint(L, kind), lambda x: x.clone(), ids, mask)
+            assert torch.equal(clean, patched), (L, kind)
+    for kind in KINDS:  # and a real change at any point changes the output
+        if not (kind == "resid_mid" and _parallel(model)):
+            assert not torch.equal(clean, run_with_patch(model, HookPoint(1, kind), lambda x: x * 1.5, ids, mask)), kind
+
+
+def test_patching_resid_mid_moves_the_residual_too(family):
+    name, model = family
+    if name == "bert" or _parallel(model):
+        pytest.skip("resid_mid is not resid_pre + attn_out in post-norm or parallel blocks")
+    ids, mask = _ids(2)
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    via_mid = run_with_patch(model, HookPoint(1, "resid_mid"), lambda x: x + v, ids, mask)
+    via_attn = run_with_patch(model, HookPoint(1, "attn_out"), lambda x: x + v, ids, mask)
+    assert torch.allclose(via_mid, via_attn, atol=1e-4)
+    only_mlp = run_with_patch(model, HookPoint(1, "mlp_in"), lambda x: x, ids, mask)
+    assert not torch.allclose(via_mid, only_mlp, atol=1e-4)
+
+
+def test_resid_mid_of_a_parallel_block_is_a_clear_error():
+    model = build("gpt_neox")
+    with pytest.raises(ValueError, match="parallel"):
+        resolve(model, "resid_mid.0")
 
 
 def test_capture_stops_after_the_deepest_hook(tiny_loaded):
@@ -72,18 +139,40 @@ def test_capture_stops_after_the_deepest_hook(tiny_loaded):
     handles = [blk.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
                for i, blk in enumerate(model.model.layers)]
     try:
-        ids, mask = _ids(tiny_loaded)
-        capture(model, [HookPoint(0, "mlp_out"), HookPoint(1, "attn_out")], ids, mask)
+        ids, mask = _ids()
+        capture(model, [HookPoint(0, "mlp_out"), HookPoint(1, "attn_out"), HookPoint(0, "resid_mid")], ids, mask)
     finally:
         for h in handles:
             h.remove()
     assert calls == [0]  # block 1 started (attention ran) but never finished; block 2 never ran
 
 
-def test_unsupported_architecture_lists_modules(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_unsupported_architecture_lists_modules():
+    from transformers import OPTConfig, OPTForCausalLM
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert "opt" not in ARCHS
+    model = OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=16, ffn_dim=32, num_attention_heads=2,
+                                     vocab_size=50, word_embed_proj_dim=16))
     with pytest.raises(NotImplementedError) as e:
         resolve(model, "resid_post.0")
-    assert "gpt2" in str(e.value) and "'h'" in str(e.value)
+    msg = str(e.value)
+    assert "'opt'" in msg and "decoder.layers" in msg and "self_attn" in msg and "fc1" in msg
+
+
+@pytest.mark.embedded
+def test_embedded_model_semantics():
+    from saelab.models.load import load_model
+
+    lm = load_model("smollm2")
+    model = lm.model
+    enc = lm.tokenizer(["def f(x):\n    return x + 1", "To be, or not to be"], return_tensors="pt", padding=True)
+    ids, mask = enc.input_ids, enc.attention_mask
+    hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    L = 10
+    got = {hp.kind: x for hp, x in capture(model, [HookPoint(L, k) for k in KINDS], ids, mask).items()}
+    assert torch.equal(got["resid_pre"], hs[L]) and torch.equal(got["resid_post"], hs[L + 1])
+    assert torch.allclose(got["resid_mid"] + got["mlp_out"], got["resid_post"], atol=1e-4)
+    assert torch.allclose(mlp_fn(model, L)(got["mlp_in"]), got["mlp_out"], atol=1e-5)
+    clean = run_with_patch(model, HookPoint(L, "resid_post"), None, ids, mask)
+    for kind in ("resid_mid", "mlp_in"):
+        assert torch.equal(clean, run_with_patch(model, HookPoint(L, kind), lambda x: x.clone(), ids, mask))

@@ -69,3 +69,53 @@ def test_writer_refuses_a_store_with_another_config(tmp_path):
     with pytest.raises(StoreError, match="another config"):
         StoreWriter(tmp_path / "s", {"model": "m", "hook": "h", "d_in": 4, "dtype": "float32",
                                      "config_hash": "other"}, 32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_dtypes_stats_and_random_access(tmp_path, dtype):
+    w = StoreWriter(tmp_path / "s", {"model": "m", "hook": "resid_post.0", "d_in": 3, "dtype": dtype,
+                                     "config_hash": "h"}, 16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, generator=g) * 4 + 1
+    for c in range(0, 50, 10):
+        w.add(x[c:c + 10], torch.arange(c, c + 10), torch.full((10,), c // 10), torch.arange(10), {}, contexts=1)
+    store = w.finish(["a", "b", "c", "d", "e"])
+    xs = x.to(getattr(torch, dtype)).float()  # what the store holds
+    assert store.load_shard(0)["acts"].dtype == getattr(torch, dtype)
+    assert torch.allclose(store.mean, xs.mean(0), atol=1e-5)
+    assert abs(store.mean_norm - float(xs.norm(dim=1).mean())) < 1e-4
+    assert abs(store.rms_norm - float(xs.norm(dim=1).pow(2).mean().sqrt())) < 1e-4
+    idx = torch.tensor([49, 0, 17, 16, 15, 33, 17])
+    r = store.rows(idx)
+    assert torch.equal(r["acts"], xs[idx]) and r["tokens"].tolist() == idx.tolist()
+    assert r["doc"].tolist() == (idx // 10).tolist() and r["pos"].tolist() == (idx % 10).tolist()
+    with pytest.raises(IndexError, match="50 rows"):
+        store.rows([50])
+
+
+def test_prefetch_gives_the_same_sequence_and_raises_a_corrupt_shard(tmp_path):
+    store, _ = _write(tmp_path / "s", rows=400, shard_tokens=32)
+    plain = list(store.iter_batches(24, seed=3, epoch=2, buffer_shards=3, prefetch=0))
+    ahead = list(store.iter_batches(24, seed=3, epoch=2, buffer_shards=3, prefetch=4))
+    assert len(plain) == 400 // 24 and all(torch.equal(a, b) for a, b in zip(plain, ahead, strict=True))
+    it = store.iter_batches(24, seed=3, prefetch=2)
+    next(it)
+    it.close()  # a consumer that stops early does not hang the reader thread
+    shard = tmp_path / "s" / store.shards[5]["file"]
+    blob = bytearray(shard.read_bytes())
+    blob[100] ^= 1
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(StoreError, match="shard_00005.safetensors is corrupt"):
+        list(store.iter_batches(24, seed=3, prefetch=2))
+
+
+def test_aligned(tmp_path):
+    from saelab.activations.store import aligned
+
+    a, _ = _write(tmp_path / "a")
+    b, _ = _write(tmp_path / "b")
+    c, _ = _write(tmp_path / "c", rows=90)
+    assert a.manifest["rows_sha256"] and aligned(a, b) and not aligned(a, c)
+    with pytest.raises(StoreError, match="100 rows != 90 rows"):
+        aligned(a, c, strict=True)
+

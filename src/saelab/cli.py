@@ -126,27 +126,32 @@ def data_info() -> None:
 def harvest(
     config: Path | None = ConfigOpt,
     model: str | None = typer.Option(None, help="'smollm2' (embedded), a local model dir or .gguf, or a hub id"),
-    hook: str | None = typer.Option(None, help="hook point KIND.LAYER, e.g. resid_post.10"),
-    text: str | None = typer.Option(None, help="'embedded', or a local .txt / .jsonl file or folder of .txt"),
+    hook: str | None = typer.Option(None, help="hook point KIND.LAYER, e.g. resid_post.10; several, comma-separated "
+                                    "(mlp_in.3,mlp_out.3), are captured in one pass into OUT/<hook>/"),
+    text: str | None = typer.Option(None, help="'embedded', a local .txt/.jsonl/.parquet/.csv/.npy file or folder "
+                                    "of .txt, or hf:NAME"),
     tokens: int | None = typer.Option(None, help="activation rows to collect"),
     out: str | None = typer.Option(None, help="store directory"),
     list_hooks: bool = typer.Option(False, "--list-hooks", help="print the model's hook points and exit"),
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Run a model over text and store activations at a hook point (resumes if interrupted)."""
+    """Run a model over text and store activations at one or more hook points in one pass
+    (resumes if interrupted; under torchrun each process takes a share of the documents)."""
     from saelab.activations.harvest import harvest as run_harvest
 
-    cfg = _build(HarvestConfig, config, {"model": model, "hook": hook, "text": text, "tokens": tokens,
+    hooks = hook.split(",") if hook and "," in hook else hook
+    cfg = _build(HarvestConfig, config, {"model": model, "hook": hooks, "text": text, "tokens": tokens,
                                          "out": out}, set_)
     if list_hooks:
         from saelab.models.hooks import valid_hook_points
         from saelab.models.load import load_model
         typer.echo("\n".join(valid_hook_points(load_model(cfg.model).model)))
         return
-    store = run_harvest(cfg)
-    m = store.manifest
-    typer.echo(f"store: {store.path}  ({m['n_tokens']:,} tokens x {m['d_in']}, {m['dtype']}, "
-               f"{len(m['shards'])} shards; excluded {m['excluded']})")
+    result = run_harvest(cfg)
+    for store in result.values() if isinstance(result, dict) else [result]:
+        m = store.manifest
+        typer.echo(f"store: {store.path}  ({m['n_tokens']:,} tokens x {m['d_in']}, {m['dtype']}, "
+                   f"{len(m['shards'])} shards; excluded {m['excluded']})")
 
 
 @app.command()

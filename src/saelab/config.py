@@ -74,9 +74,11 @@ class HarvestConfig(Config):
     """Model + hook point + text -> an activation store on disk."""
 
     model: str = Field("smollm2", description="'smollm2' (embedded), local dir or .gguf, or hub id")
-    hook: str = Field("resid_post.10", description="hook point KIND.LAYER")
-    text: str = Field("embedded", description="'embedded' corpus, a .txt/.jsonl file or a directory")
-    text_field: str = "text"
+    hook: str | list[str] = Field("resid_post.10", description="hook point KIND.LAYER, or a list captured in "
+                                  "one pass: one store each under out/<hook>/, all with the same rows")
+    text: str = Field("embedded", description="'embedded' corpus, a .txt/.jsonl/.parquet/.csv/.npy file, "
+                      "a folder of .txt, or hf:NAME[:CONFIG]")
+    text_field: str = Field("text", description="column holding the text (or token-id lists) in jsonl/parquet/csv")
     split: Literal["train", "validation"] = "train"
     out: str = Field("", description="store directory (default: stores/<model>-<hook>-<split>-<hash>)")
     tokens: int = Field(200_000, gt=0, description="activation rows to collect (after exclusions)")
@@ -86,12 +88,20 @@ class HarvestConfig(Config):
     store_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     prepend_bos: bool = Field(True, description="start every context with the BOS token (then excluded)")
     exclude_special: bool = Field(True, description="drop BOS, padding and other special tokens")
+    exclude_tokens: list[str | int] = Field([], description="more tokens to drop (as the tokenizer spells "
+                                            "them, or ids); counted as 'listed' in the manifest")
+    long_docs: Literal["chunk", "truncate"] = Field("chunk", description="a document longer than ctx_len: "
+                                                    "chunk it into contexts, or keep its first context only")
     shard_tokens: int = Field(32_768, gt=0)
     seed: int = 0
 
+    @property
+    def hooks(self) -> list[str]:
+        return [self.hook] if isinstance(self.hook, str) else list(self.hook)
+
     def store_name(self) -> str:
         model = Path(self.model).name or self.model
-        return f"{model}-{self.hook}-{self.split}-{self.hash(exclude={'out'})[:8]}"
+        return f"{model}-{'+'.join(self.hooks)}-{self.split}-{self.hash(exclude={'out'})[:8]}"
 
 
 ARCHITECTURE_NAMES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka", "panneal")

@@ -1,76 +1,197 @@
-"""Harvest: model + hook point + text -> activation store.
+"""Harvest: model + hook points + text -> activation stores, one pass for all hook points.
 
 Documents are shuffled with the seed (so every source is mixed into any token budget),
-chunked into contexts, batched, and run through the model up to the hook's layer only.
-Positions that are padding, BOS or other special tokens are dropped and counted. The
-store's manifest records how many contexts are done, so rerunning an interrupted harvest
-with the same config resumes after the last whole shard.
+chunked into contexts that never cross a document, cut to the token budget (counted
+without the model), batched, and run through the model up to the deepest hook only.
+Positions that are padding, BOS, other special tokens or in the user's exclusion list are
+dropped and counted. Each store's manifest records how many contexts are done, so
+rerunning an interrupted harvest with the same config resumes after the last whole shard.
+
+Under torchrun (WORLD_SIZE > 1) each rank harvests the documents with index % world ==
+rank into its own stores; rank 0 then merges them in document order, which is the order a
+single process writes, so the merged store holds the same rows as a one-process harvest.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from saelab.activations.store import ActivationStore, StoreWriter
+from saelab.activations.store import EXCLUDED, INDEX, ActivationStore, StoreError, StoreWriter
 from saelab.config import HarvestConfig
 from saelab.data.corpus import iter_documents
-from saelab.data.tokens import batches, contexts, keep_mask, shuffled
-from saelab.models.hooks import capture, resolve
+from saelab.data.tokens import batches, budgeted, contexts, excluded_ids, keep_mask, shuffled
+from saelab.io import read_json
+from saelab.models.hooks import HookPoint, capture, resolve
 from saelab.models.load import LoadedModel, load_model
 
 
-def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: bool = True) -> ActivationStore:
-    """Run (or resume, or reuse) a harvest; returns the complete store."""
+def store_dirs(cfg: HarvestConfig) -> dict[str, Path]:
+    """Where each hook point's store goes: `out` for a single hook (a string), else out/<hook>/."""
     out = Path(cfg.out or Path("stores") / cfg.store_name())
-    config_hash = cfg.hash(exclude={"out"})
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        try:
-            store = ActivationStore(out)
-            if store.manifest.get("config_hash") == config_hash:
-                return store  # already harvested with this exact config
-        except Exception:
-            pass  # incomplete or foreign: StoreWriter resumes or refuses below
+    if isinstance(cfg.hook, str):
+        return {str(HookPoint.parse(cfg.hook)): out}
+    names = [str(HookPoint.parse(h)) for h in cfg.hook]
+    if len(set(names)) != len(names):
+        raise ValueError(f"hook lists a hook point twice: {cfg.hook}")
+    return {n: out / n for n in names}
 
+
+def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None,
+            progress: bool = True) -> ActivationStore | dict[str, ActivationStore]:
+    """Run (or resume, or reuse) a harvest. Returns the store, or {hook: store} for a hook list."""
+    dirs = store_dirs(cfg)
+    config_hash = cfg.hash(exclude={"out"})
+    stores = _complete(dirs, config_hash)
+    if stores is None:
+        rank, world, own_group = _distributed()
+        try:
+            if world == 1:
+                _run(cfg, dirs, config_hash, loaded, progress)
+            else:
+                parts = {h: _rank_dir(d, rank, world) for h, d in dirs.items()}
+                _run(cfg, parts, config_hash, loaded, progress and rank == 0, rank, world)
+                torch.distributed.barrier()
+                if rank == 0:
+                    for d in dirs.values():
+                        merge([ActivationStore(_rank_dir(d, r, world)) for r in range(world)], d, cfg.shard_tokens)
+                torch.distributed.barrier()
+        finally:
+            if own_group:
+                torch.distributed.destroy_process_group()
+        stores = _complete(dirs, config_hash)
+        assert stores is not None, "harvest finished but its stores are not complete"
+    return stores[str(HookPoint.parse(cfg.hook))] if isinstance(cfg.hook, str) else stores
+
+
+def _complete(dirs: dict[str, Path], config_hash: str) -> dict[str, ActivationStore] | None:
+    """The stores if all are complete and made with this config, else None."""
+    out = {}
+    for h, d in dirs.items():
+        try:
+            store = ActivationStore(d)
+        except StoreError:
+            return None  # missing or incomplete: harvest (resumes) or refuse (foreign) below
+        if store.manifest.get("config_hash") != config_hash:
+            raise StoreError(f"{d} holds a store made with another config (hash "
+                             f"{store.manifest.get('config_hash')} != {config_hash}); choose another "
+                             "output directory or delete it")
+        out[h] = store
+    return out
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether we started the process group) under torchrun, else (0, 1, False)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), own
+
+
+def _rank_dir(d: Path, rank: int, world: int) -> Path:
+    return d.parent / f".{d.name}.rank{rank}-of-{world}"
+
+
+def _run(cfg: HarvestConfig, dirs: dict[str, Path], config_hash: str, loaded: LoadedModel | None,
+         progress: bool, rank: int = 0, world: int = 1) -> None:
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype)
     model, tok = loaded.model, loaded.tokenizer
-    hp = resolve(model, cfg.hook)
+    hps = {h: resolve(model, h) for h in dirs}
     docs = shuffled(iter_documents(cfg.text, cfg.split, cfg.text_field), cfg.seed)
     if not docs:
         raise ValueError(f"text source {cfg.text!r} has no documents in split {cfg.split!r}")
+    excluded = excluded_ids(tok, cfg.exclude_special, cfg.exclude_tokens)
     bos_offset = int(cfg.prepend_bos and tok.bos_token_id is not None)
-    d_in = model.config.hidden_size
-    writer = StoreWriter(out, {
-        "model": cfg.model, "model_source": loaded.source, "hook": str(hp), "d_in": d_in,
-        "dtype": cfg.store_dtype, "model_dtype": cfg.dtype, "config_hash": config_hash,
-        "config": cfg.model_dump(mode="json"), "text": cfg.text, "split": cfg.split,
-        "ctx_len": cfg.ctx_len, "prepend_bos": bool(bos_offset),
-    }, cfg.shard_tokens)
+    meta = {"model": cfg.model, "model_source": loaded.source, "hooks": list(dirs), "d_in": model.config.hidden_size,
+            "dtype": cfg.store_dtype, "model_dtype": cfg.dtype, "config_hash": config_hash,
+            "config": cfg.model_dump(mode="json"), "text": cfg.text, "split": cfg.split,
+            "ctx_len": cfg.ctx_len, "prepend_bos": bool(bos_offset), "long_docs": cfg.long_docs,
+            "rank": rank, "world_size": world}
+    writers = {h: StoreWriter(d, {**meta, "hook": h}, cfg.shard_tokens) for h, d in dirs.items()}
+    skip = _sync_resume(list(writers.values()))
 
-    skip = writer.contexts_done
-    ctx_iter = itertools.islice(contexts(docs, tok, cfg.ctx_len, cfg.prepend_bos), skip, None)
-    bar = tqdm(total=cfg.tokens, initial=writer.n_tokens, unit="tok", unit_scale=True,
-               desc=f"harvest {hp}", disable=not progress)
+    ctxs = budgeted(contexts(docs, tok, cfg.ctx_len, cfg.prepend_bos, cfg.long_docs), excluded, cfg.tokens)
+    if world > 1:
+        ctxs = (c for c in ctxs if c.doc % world == rank)
+    first = next(iter(writers.values()))
+    bar = tqdm(total=cfg.tokens if world == 1 else None, initial=first.n_tokens, unit="tok", unit_scale=True,
+               desc=f"harvest {'+'.join(dirs)}" + (f" rank {rank}/{world}" if world > 1 else ""),
+               disable=not progress, smoothing=0.1)
     t0 = time.perf_counter()
-    for batch in batches(ctx_iter, cfg.batch_size, tok.pad_token_id):
-        if writer.n_tokens >= cfg.tokens:
-            break
-        acts = capture(model, [hp], batch.input_ids, batch.attention_mask)[hp]  # [B, T, d]
-        keep, excluded = keep_mask(batch, tok, cfg.exclude_special)
-        rows = keep.nonzero()  # [n, 2] (context, position)
-        need = cfg.tokens - writer.n_tokens
-        if rows.shape[0] > need:  # cut the last batch to the budget exactly
-            rows = rows[:need]
-        b, t = rows[:, 0], rows[:, 1]
-        writer.add(acts[b, t], batch.input_ids[b, t], batch.doc[b], batch.start[b] + t - bos_offset,
-                   excluded, contexts=batch.input_ids.shape[0])
-        bar.update(rows.shape[0])
+    hooks = list(hps.values())
+    for batch in batches(itertools.islice(ctxs, skip, None), cfg.batch_size, tok.pad_token_id):
+        acts = capture(model, hooks, batch.input_ids, batch.attention_mask)  # {hp: [B, T, d]}
+        keep, counts = keep_mask(batch, tok, cfg.exclude_special, cfg.exclude_tokens)
+        b, t = keep.nonzero(as_tuple=True)  # rows: (context, position)
+        tokens, doc, pos = batch.input_ids[b, t], batch.doc[b], batch.start[b] + t - bos_offset
+        for h, w in writers.items():
+            w.add(acts[hps[h]][b, t], tokens, doc, pos, counts, contexts=batch.input_ids.shape[0])
+        bar.update(len(b))
     bar.close()
-    return writer.finish([d.id for d in docs], {
-        "wall_seconds": time.perf_counter() - t0 + 0.0,
-        "exhausted": writer.n_tokens < cfg.tokens,
+    wall = time.perf_counter() - t0
+    for w in writers.values():
+        w.finish([d.id for d in docs], {"wall_seconds": wall, "exhausted": w.n_tokens < cfg.tokens})
+
+
+def _sync_resume(writers: list[StoreWriter]) -> int:
+    """Contexts already done. A kill between the stores' flushes can leave one store a
+    shard ahead of another: roll those back so all resume from the same context."""
+    done = min(w.contexts_done for w in writers)
+    for w in writers:
+        w.rollback(done)
+    return done
+
+
+def merge(parts: list[ActivationStore], out: Path, shard_tokens: int) -> ActivationStore:
+    """Merge rank stores (each sorted by document) into one store in document order.
+
+    Streams one shard per part at a time; writes to a temp folder renamed onto `out`."""
+    m0 = parts[0].manifest
+    if len({p.manifest["config_hash"] for p in parts}) != 1:
+        raise StoreError(f"cannot merge stores made with different configs: {[str(p.path) for p in parts]}")
+    if out.exists():  # a merge renames onto `out` only when whole: this is something else
+        raise StoreError(f"cannot merge the rank stores into {out}: it exists and is not this harvest's "
+                         "store; move it away or choose another output directory")
+    tmp = out.parent / f".{out.name}.merging"
+    shutil.rmtree(tmp, ignore_errors=True)  # an earlier merge that was killed
+    keep = {k: v for k, v in m0.items() if k not in ("n_tokens", "shards", "excluded", "stats", "resume",
+                                                     "complete", "rows_sha256", "rank", "wall_seconds")}
+    writer = StoreWriter(tmp, {**keep, "rank": None, "merged_from": len(parts)}, shard_tokens)
+    for run in heapq.merge(*(_doc_runs(p) for p in parts), key=lambda r: int(r["doc"][0])):
+        writer.add(run["acts"], run["tokens"], run["doc"], run["pos"], {}, contexts=0)
+    writer.flush()
+    writer.manifest["excluded"] = {k: sum(p.manifest["excluded"].get(k, 0) for p in parts) for k in EXCLUDED}
+    writer.manifest["resume"]["contexts_done"] = sum(p.manifest["resume"]["contexts_done"] for p in parts)
+    writer.finish(read_json(parts[0].path / "documents.json"), {
+        "wall_seconds": max(p.manifest.get("wall_seconds", 0.0) for p in parts),
+        "exhausted": writer.n_tokens < m0["config"]["tokens"],
     })
+    tmp.rename(out)
+    for p in parts:
+        shutil.rmtree(p.path)
+    return ActivationStore(out)
+
+
+def _doc_runs(store: ActivationStore) -> Iterator[dict[str, Any]]:
+    """The store's rows as consecutive runs of one document each (a run may end at a shard edge)."""
+    for i in range(len(store.shards)):
+        s = store.load_shard(i)
+        _, counts = torch.unique_consecutive(s["doc"], return_counts=True)
+        start = 0
+        for n in counts.tolist():
+            yield {k: s[k][start:start + n] for k in ("acts", *INDEX)}
+            start += n

@@ -2,27 +2,40 @@
 
 Layout of a store directory:
   manifest.json           format, model, hook, d_in, dtype, token counts, exclusions,
-                          shards [{file, rows, sha256}], resume state, `complete`
+                          shards [{file, rows, sha256}], running statistics (sums for the mean
+                          and norms), resume state, `rows_sha256` (checksum of the row index
+                          tokens/doc/pos), `complete`
   documents.json          document ids, indexed by the `doc` column
   shard_00000.safetensors acts [rows, d_in], tokens [rows] int32, doc [rows] int32, pos [rows] int32
 
 Shards are written atomically and only then listed in the manifest (itself written
 atomically), so a killed harvest leaves a store whose manifest lists exactly the shards
-that are whole. Every shard read is checked against its sha256.
+that are whole. Every shard read is checked against its sha256. Stores harvested in one
+pass at several hook points share their row order; `aligned(a, b)` checks it.
 """
 
 from __future__ import annotations
 
+import atexit
+import bisect
+import copy
+import hashlib
+import queue
 import random
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from saelab.io import atomic_write, read_json, sha256_bytes, write_json
+
+INDEX = ("tokens", "doc", "pos")
+EXCLUDED = ("bos", "pad", "special", "listed")
 
 FORMAT = "saelab.activations/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,12 +61,14 @@ class StoreWriter:
             self.manifest = m
         else:
             self.path.mkdir(parents=True, exist_ok=True)
+            d = int(meta["d_in"])
             self.manifest = {"format": FORMAT, **meta, "n_tokens": 0, "shards": [],
-                             "excluded": {"bos": 0, "pad": 0, "special": 0},
+                             "excluded": dict.fromkeys(EXCLUDED, 0),
+                             "stats": {"sum": [0.0] * d, "sum_norm": 0.0, "sum_sq_norm": 0.0},
                              "resume": {"contexts_done": 0}, "complete": False}
         self._buf: dict[str, list[torch.Tensor]] = {"acts": [], "tokens": [], "doc": [], "pos": []}
         self._buf_rows = 0
-        self._pending_excluded = {"bos": 0, "pad": 0, "special": 0}
+        self._pending_excluded = dict.fromkeys(EXCLUDED, 0)
         self._pending_contexts = 0
         self._dtype = DTYPES[self.manifest["dtype"]]
 
@@ -82,8 +97,10 @@ class StoreWriter:
     def flush(self) -> None:
         if self._buf_rows == 0 and self._pending_contexts == 0:
             return
+        self.manifest["prev"] = copy.deepcopy({k: v for k, v in self.manifest.items() if k != "prev"})
         if self._buf_rows:
             tensors = {k: torch.cat(v) for k, v in self._buf.items()}
+            _add_stats(self.manifest["stats"], tensors["acts"])
             i = len(self.manifest["shards"])
             name = f"shard_{i:05d}.safetensors"
             blob = st_save(tensors)
@@ -93,7 +110,7 @@ class StoreWriter:
                                             "sha256": sha256_bytes(blob)})
             self.manifest["n_tokens"] += self._buf_rows
         for k, v in self._pending_excluded.items():
-            self.manifest["excluded"][k] += v
+            self.manifest["excluded"][k] = self.manifest["excluded"].get(k, 0) + v
         self.manifest["resume"]["contexts_done"] += self._pending_contexts
         write_json(self.path / "manifest.json", self.manifest)
         self._buf = {k: [] for k in self._buf}
@@ -101,17 +118,69 @@ class StoreWriter:
         self._pending_excluded = {k: 0 for k in self._pending_excluded}
         self._pending_contexts = 0
 
+    def rollback(self, contexts_done: int) -> None:
+        """Undo the last flush if it went past `contexts_done` (to line up stores written in
+        one pass when a kill fell between their flushes)."""
+        if self.contexts_done == contexts_done:
+            return
+        prev = self.manifest.get("prev")
+        if self._buf_rows or not prev or prev["resume"]["contexts_done"] != contexts_done:
+            raise StoreError(f"{self.path}: cannot line up with the other stores of this harvest "
+                             f"({self.contexts_done} contexts done, the others {contexts_done}); delete "
+                             "the output directory and harvest again")
+        self.manifest = prev
+        write_json(self.path / "manifest.json", self.manifest)
+
     def finish(self, documents: list[str], extra: dict[str, Any] | None = None) -> ActivationStore:
         self.flush()
         write_json(self.path / "documents.json", documents)
         self.manifest.update(extra or {})
+        self.manifest["rows_sha256"] = rows_sha256(self.path, self.manifest["shards"])
         self.manifest["complete"] = True
         write_json(self.path / "manifest.json", self.manifest)
         return ActivationStore(self.path)
 
 
+def _add_stats(stats: dict[str, Any], acts: torch.Tensor) -> None:
+    """Accumulate float64 sums for the mean and the norms of acts [rows, d_in]."""
+    a = acts.double()
+    norms = a.norm(dim=1)
+    stats["sum"] = (torch.tensor(stats["sum"], dtype=torch.float64) + a.sum(0)).tolist()
+    stats["sum_norm"] += float(norms.sum())
+    stats["sum_sq_norm"] += float((norms ** 2).sum())
+
+
+def rows_sha256(path: Path, shards: list[dict[str, Any]]) -> str:
+    """sha256 of the row index (tokens, doc, pos of every row, in order), shard-boundary free."""
+    h = [hashlib.sha256() for _ in INDEX]
+    for entry in shards:
+        with safe_open(str(path / entry["file"]), "pt") as f:
+            for hk, key in zip(h, INDEX, strict=True):
+                hk.update(f.get_tensor(key).numpy().tobytes())
+    return sha256_bytes("".join(hk.hexdigest() for hk in h).encode())
+
+
+def aligned(a: ActivationStore, b: ActivationStore, strict: bool = False) -> bool:
+    """Whether two stores hold the same rows (tokens, doc, pos) in the same order.
+
+    Stores from one multi-hook harvest are (e.g. mlp_in.3 and mlp_out.3, paired row by row
+    for a transcoder). With strict, a mismatch raises StoreError saying what differs.
+    """
+    why = None
+    if a.n_tokens != b.n_tokens:
+        why = f"{a.n_tokens} rows != {b.n_tokens} rows"
+    elif not a.manifest.get("rows_sha256") or a.manifest.get("rows_sha256") != b.manifest.get("rows_sha256"):
+        why = "their row indexes (tokens, doc, pos) differ"
+    elif [s["rows"] for s in a.shards] != [s["rows"] for s in b.shards]:
+        why = "their shard sizes differ (the same seed would shuffle them differently)"
+    if why and strict:
+        raise StoreError(f"stores {a.path} ({a.hook}) and {b.path} ({b.hook}) are not row-aligned: {why}; "
+                         "harvest both hook points in one pass (hook: [A, B]) to pair them")
+    return why is None
+
+
 class ActivationStore:
-    """Read side: metadata, checked shard loads, shuffled batches."""
+    """Read side: metadata, checked shard loads, random access by row, shuffled batches."""
 
     def __init__(self, path: str | Path, allow_incomplete: bool = False):
         self.path = Path(path)
@@ -149,6 +218,43 @@ class ActivationStore:
     def shards(self) -> list[dict[str, Any]]:
         return self.manifest["shards"]
 
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean activation [d_in] (float32), from the running sums."""
+        return (torch.tensor(self.manifest["stats"]["sum"], dtype=torch.float64) / max(self.n_tokens, 1)).float()
+
+    @property
+    def mean_norm(self) -> float:
+        return self.manifest["stats"]["sum_norm"] / max(self.n_tokens, 1)
+
+    @property
+    def rms_norm(self) -> float:
+        """sqrt(E||x||^2), e.g. to scale activations to norm sqrt(d_in)."""
+        return (self.manifest["stats"]["sum_sq_norm"] / max(self.n_tokens, 1)) ** 0.5
+
+    def rows(self, idx: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
+        """Random access: acts [n, d_in] (float32), tokens, doc, pos [n] of the given row numbers."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.n_tokens):
+            raise IndexError(f"row index out of range: the store has {self.n_tokens} rows")
+        starts = self._starts()
+        shard_of = torch.tensor([bisect.bisect_right(starts, int(i)) - 1 for i in idx], dtype=torch.long)
+        out = {"acts": torch.empty(len(idx), self.d_in), **{k: torch.empty(len(idx), dtype=torch.int32) for k in INDEX}}
+        for s in shard_of.unique().tolist():
+            sel = (shard_of == s).nonzero().squeeze(1)
+            tensors = self.load_shard(s)
+            local = idx[sel] - starts[s]
+            for k in out:
+                out[k][sel] = tensors[k][local].to(out[k].dtype)
+        return out
+
+    def _starts(self) -> list[int]:
+        starts, n = [], 0
+        for s in self.shards:
+            starts.append(n)
+            n += s["rows"]
+        return starts
+
     def load_shard(self, i: int) -> dict[str, torch.Tensor]:
         """One shard's tensors, verified against the manifest checksum and row count."""
         entry = self.shards[i]
@@ -181,23 +287,79 @@ class ActivationStore:
         return torch.cat(out)
 
     def iter_batches(self, batch_size: int, seed: int, epoch: int = 0,
-                     buffer_shards: int = 8) -> Iterator[torch.Tensor]:
+                     buffer_shards: int = 8, prefetch: int = 2) -> Iterator[torch.Tensor]:
         """Shuffled float32 batches [batch_size, d_in] for one epoch (last partial dropped).
 
         Shards are visited in a seeded order; rows are shuffled within a buffer of
-        `buffer_shards` shards, so memory stays bounded for stores larger than RAM.
-        Deterministic given (seed, epoch).
+        `buffer_shards` shards, so memory stays bounded for stores larger than RAM. A
+        background thread reads and verifies up to `prefetch` shards ahead (0: no thread),
+        so the consumer does not wait on disk. The sequence depends on (seed, epoch) only.
         """
         rng = random.Random(seed * 1_000_003 + epoch)
         order = list(range(len(self.shards)))
         rng.shuffle(order)
         gen = torch.Generator().manual_seed(rng.randrange(2**62))
+        shards = _read_ahead(lambda i: self.load_shard(i)["acts"].float(), order, prefetch)
         leftover = torch.empty(0, self.d_in)
         for g in range(0, len(order), buffer_shards):
-            group = [self.load_shard(i)["acts"].float() for i in order[g:g + buffer_shards]]
+            group = [next(shards) for _ in order[g:g + buffer_shards]]
             pool = torch.cat([leftover, *group])
             pool = pool[torch.randperm(pool.shape[0], generator=gen)]
             n_full = pool.shape[0] // batch_size
             for b in range(n_full):
                 yield pool[b * batch_size:(b + 1) * batch_size]
             leftover = pool[n_full * batch_size:]
+
+
+def _read_ahead(load: Callable[[int], torch.Tensor], order: list[int], prefetch: int) -> Iterator[torch.Tensor]:
+    """load(i) for i in `order`, run by a background thread up to `prefetch` items ahead
+    (0: inline). An error in the thread is raised in the consumer."""
+    if prefetch <= 0:
+        yield from (load(i) for i in order)
+        return
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False  # the consumer went away
+
+    def work():
+        try:
+            for i in order:
+                if not put(load(i)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="saelab store prefetch")
+    _READERS.add((stop, t))
+    t.start()
+    try:
+        for _ in order:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        _READERS.discard((stop, t))
+
+
+# Reader threads still running at exit (a consumer that stopped mid-epoch without closing
+# its iterator, e.g. a training loop's last epoch). A daemon thread killed inside a torch
+# op aborts the process ("terminate called without an active exception"), so at exit each
+# is told to stop and joined: it finishes the shard it is reading and returns.
+_READERS: set[tuple[threading.Event, threading.Thread]] = set()
+
+
+@atexit.register
+def _stop_readers() -> None:
+    for stop, t in list(_READERS):
+        stop.set()
+        t.join(timeout=30)

@@ -10,6 +10,7 @@ so, so the split is fixed, independent of order, and never shares a document.
 from __future__ import annotations
 
 import bz2
+import csv
 import hashlib
 import json
 import re
@@ -33,6 +34,7 @@ class Document:
     id: str
     text: str
     source: str = ""
+    ids: tuple[int, ...] | None = None  # pre-tokenized documents carry token ids, not text
 
 
 def split_of(doc_id: str) -> str:
@@ -172,9 +174,13 @@ def build_embedded_corpus(force: bool = False) -> Path:
 def iter_documents(source: str, split: str = "train", text_field: str = "text") -> Iterator[Document]:
     """Documents of a split from a text source.
 
-    source: "embedded" (the default corpus), a .txt file (one document), a directory of
-    .txt files (one document each), or a .jsonl file (one document per line, text in
-    `text_field`). Local sources are split by the same document-id hash as the corpus.
+    source: "embedded" (the default corpus); a .txt file (one document); a directory of .txt
+    files (one document each); a .jsonl, .parquet or .csv file (one document per row, text in
+    the column `text_field`, id in `id` if present); a .npy integer array [docs, tokens] of
+    pre-tokenized documents (a jsonl/parquet column holding lists of token ids is
+    pre-tokenized too); or "hf:NAME[:CONFIG]", a Hugging Face dataset (streamed, for users;
+    needs `pip install datasets`). Sources other than the embedded corpus are split by the
+    same document-id hash.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -184,10 +190,13 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
             d = build_embedded_corpus()
         yield from _read_jsonl(d / f"{split}.jsonl", "text", split=None)
         return
+    if source.startswith("hf:"):
+        yield from _split(_hf_rows(source[3:], text_field), split, source, text_field)
+        return
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"text source {source!r} is neither 'embedded' nor an existing file or directory"
+            f"text source {source!r} is neither 'embedded', 'hf:NAME' nor an existing file or directory"
         )
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
@@ -203,24 +212,73 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
         doc = Document(path.name, path.read_text(encoding="utf-8"), "txt")
         # a single file is one document: use it for both splits rather than lose it
         yield doc
+    elif path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            yield from _split(((i + 2, row) for i, row in enumerate(csv.DictReader(f))), split, path, text_field)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        yield from _split(enumerate(table.to_pylist(), 1), split, path, text_field)
+    elif path.suffix == ".npy":
+        import numpy as np
+
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim != 2 or arr.dtype.kind not in "iu":
+            raise ValueError(f"{path}: pre-tokenized arrays must be integer [documents, tokens], "
+                             f"got {arr.dtype} {list(arr.shape)}")
+        for i, row in enumerate(arr):
+            doc = Document(f"{path.name}:{i}", "", "tokens", tuple(int(t) for t in row))
+            if split_of(doc.id) == split:
+                yield doc
     else:
-        raise ValueError(f"text source {path}: unsupported file type {path.suffix!r} (use .txt or .jsonl)")
+        raise ValueError(f"text source {path}: unsupported file type {path.suffix!r} "
+                         "(use .txt, .jsonl, .parquet, .csv, .npy or a folder of .txt)")
+
+
+def _split(rows: Iterator[tuple[int, dict]], split: str, where, text_field: str) -> Iterator[Document]:
+    """Documents of `split` from (row number, record) pairs; text or token ids in `text_field`."""
+    for n, row in rows:
+        if text_field not in row:
+            raise ValueError(f"{where}:{n}: no field {text_field!r} (fields: {sorted(row)}); "
+                             "set text_field to the column holding the text or token ids")
+        doc_id = str(row["id"]) if row.get("id") is not None else f"{Path(str(where)).name}:{n}"
+        if split_of(doc_id) != split:
+            continue
+        value = row[text_field]
+        if isinstance(value, list | tuple):
+            yield Document(doc_id, "", str(row.get("source") or ""), tuple(int(t) for t in value))
+        else:
+            yield Document(doc_id, str(value), str(row.get("source") or ""))
+
+
+def _hf_rows(spec: str, text_field: str) -> Iterator[tuple[int, dict]]:
+    """Rows of a Hugging Face dataset's train split, streamed: spec = NAME or NAME:CONFIG."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("text source 'hf:...' needs the `datasets` package: pip install datasets") from None
+    name, _, config = spec.partition(":")
+    ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+    for i, row in enumerate(ds):
+        yield i, {**row, "id": row.get("id", f"{name}:{i}")}
 
 
 def _read_jsonl(path: Path, text_field: str, split: str | None) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if text_field not in row:
-                raise ValueError(f"{path}:{lineno}: no field {text_field!r} (fields: {sorted(row)})")
-            doc_id = str(row.get("id", f"{path.name}:{lineno}"))
-            if split is None or split_of(doc_id) == split:
-                yield Document(doc_id, row[text_field], row.get("source", ""))
+    def rows():
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if split is None:  # the embedded corpus: already split into files
+        for _, row in rows():
+            yield Document(str(row["id"]), row[text_field], row.get("source", ""))
+        return
+    yield from _split(rows(), split, path, text_field)
 
 
 def corpus_info() -> dict:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from saelab.data.corpus import Document
+
+LONG_DOCS = ("chunk", "truncate")
+NO_LIMIT = 2**62
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,7 @@ class Context:
     ids: list[int]
     doc: int  # index into the document list
     start: int  # position of ids[0] (or of the token after BOS) in the document's tokens
+    limit: int = NO_LIMIT  # keep at most this many rows of it (the token budget ends inside it)
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Batch:
     attention_mask: torch.Tensor  # [batch, seq]
     doc: torch.Tensor  # [batch]
     start: torch.Tensor  # [batch]
+    limit: torch.Tensor  # [batch]
 
 
 def shuffled(docs: Iterable[Document], seed: int) -> list[Document]:
@@ -35,17 +40,61 @@ def shuffled(docs: Iterable[Document], seed: int) -> list[Document]:
 
 
 def contexts(docs: list[Document], tokenizer: PreTrainedTokenizerBase, ctx_len: int,
-             prepend_bos: bool) -> Iterator[Context]:
-    """Chunk each document into contexts of at most ctx_len tokens (BOS first if asked)."""
+             prepend_bos: bool, long_docs: str = "chunk") -> Iterator[Context]:
+    """Contexts of at most ctx_len tokens (BOS first if asked), never crossing a document.
+
+    long_docs: "chunk" splits a long document into consecutive contexts; "truncate" keeps
+    only its first context. Pre-tokenized documents (doc.ids) are used as they are.
+    """
+    if long_docs not in LONG_DOCS:
+        raise ValueError(f"long_docs must be one of {LONG_DOCS}, got {long_docs!r}")
     bos = tokenizer.bos_token_id if prepend_bos else None
     body = ctx_len - (bos is not None)
     for i, doc in enumerate(docs):
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        ids = list(doc.ids) if doc.ids is not None else tokenizer(doc.text, add_special_tokens=False)["input_ids"]
         for s in range(0, len(ids), body):
             chunk = ids[s:s + body]
             if len(chunk) < 2:
                 continue
             yield Context(([bos] if bos is not None else []) + chunk, i, s)
+            if long_docs == "truncate":
+                break
+
+
+def excluded_ids(tokenizer: PreTrainedTokenizerBase, exclude_special: bool,
+                 listed: Iterable[str | int] = ()) -> dict[str, set[int]]:
+    """Token ids whose positions are dropped, by reason: bos, special (other special
+    tokens), listed (the user's list: token strings or ids). Padding is dropped by mask."""
+    bos = tokenizer.bos_token_id
+    special = set(tokenizer.all_special_ids) if exclude_special else set()
+    ids = set()
+    for t in listed:
+        if isinstance(t, int):
+            ids.add(t)
+            continue
+        tid = tokenizer.convert_tokens_to_ids(t)
+        if tid is None or (tid == tokenizer.unk_token_id and t != tokenizer.unk_token):
+            raise ValueError(f"exclude_tokens: {t!r} is not a token of this tokenizer "
+                             "(give token strings as the tokenizer spells them, or ids)")
+        ids.add(int(tid))
+    return {"bos": {bos} if bos is not None and bos in special else set(),
+            "special": special - {bos}, "listed": ids - special}
+
+
+def budgeted(ctxs: Iterable[Context], excluded: dict[str, set[int]], tokens: int) -> Iterator[Context]:
+    """Contexts up to a budget of `tokens` kept rows; the last one carries its row limit.
+
+    Counting needs no model (kept = not an excluded id), so every process of a sharded
+    harvest cuts the same global stream at the same place."""
+    drop = set().union(*excluded.values())
+    left = tokens
+    for c in ctxs:
+        kept = sum(t not in drop for t in c.ids)
+        if kept >= left:
+            yield replace(c, limit=left)
+            return
+        left -= kept
+        yield c
 
 
 def batches(ctxs: Iterable[Context], batch_size: int, pad_id: int) -> Iterator[Batch]:
@@ -67,21 +116,22 @@ def _collate(buf: list[Context], pad_id: int) -> Batch:
     for r, c in enumerate(buf):
         ids[r, :len(c.ids)] = torch.tensor(c.ids)
         mask[r, :len(c.ids)] = 1
-    return Batch(ids, mask, torch.tensor([c.doc for c in buf]), torch.tensor([c.start for c in buf]))
+    return Batch(ids, mask, torch.tensor([c.doc for c in buf]), torch.tensor([c.start for c in buf]),
+                 torch.tensor([c.limit for c in buf]))
 
 
-def keep_mask(batch: Batch, tokenizer: PreTrainedTokenizerBase, exclude_special: bool
-              ) -> tuple[torch.Tensor, dict[str, int]]:
-    """Positions to keep [batch, seq] and counts of what was excluded (bos, pad, special)."""
+def keep_mask(batch: Batch, tokenizer: PreTrainedTokenizerBase, exclude_special: bool,
+              listed: Iterable[str | int] = ()) -> tuple[torch.Tensor, dict[str, int]]:
+    """Positions to keep [batch, seq] and counts of what was dropped: pad, bos, special, listed.
+
+    A context's row limit (end of the token budget) cuts its kept positions too; the cut
+    ones are not counted as excluded."""
     pad = batch.attention_mask == 0
     keep = ~pad
-    counts = {"pad": int(pad.sum()), "bos": 0, "special": 0}
-    if exclude_special:
-        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        is_special = torch.isin(batch.input_ids, special) & keep
-        bos = is_special & (batch.input_ids == tokenizer.bos_token_id) if tokenizer.bos_token_id is not None \
-            else torch.zeros_like(is_special)
-        counts["bos"] = int(bos.sum())
-        counts["special"] = int((is_special & ~bos).sum())
-        keep &= ~is_special
+    counts = {"pad": int(pad.sum())}
+    for reason, ids in excluded_ids(tokenizer, exclude_special, listed).items():
+        hit = torch.isin(batch.input_ids, torch.tensor(sorted(ids), dtype=torch.long)) & keep
+        counts[reason] = int(hit.sum())
+        keep &= ~hit
+    keep &= keep.cumsum(1) <= batch.limit[:, None]
     return keep, counts

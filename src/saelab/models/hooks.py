@@ -1,16 +1,21 @@
 """Hook points: names -> modules per architecture; capture, patch, stop early.
 
 A hook point is `KIND.LAYER`, e.g. `resid_post.10` (SAELens-style `blocks.10.hook_resid_post`
-is accepted too). Semantics, for decoder block L:
+is accepted too). Semantics, for block L (TransformerLens names and meanings):
 
 - `resid_pre.L`:  the block's input (the residual stream before it)
-- `attn_out.L`:   the attention sublayer's output, before it is added to the residual
-- `mlp_out.L`:    the MLP sublayer's output, before it is added to the residual
-- `resid_post.L`: the block's output. Not `hidden_states[-1]`, which has the final norm.
+- `attn_out.L`:   the attention sublayer's contribution to the residual (after Gemma's post-attention norm)
+- `resid_mid.L`:  the residual stream after attention, before the MLP (resid_pre + attn_out in
+                  pre-norm blocks; BERT's post-norm attention output)
+- `mlp_in.L`:     the MLP's input: the normalised residual (the output of ln2 / post_attention_layernorm)
+- `mlp_out.L`:    the MLP sublayer's contribution to the residual (after Gemma's post-feedforward norm)
+- `resid_post.L`: the block's output, which is `hidden_states[L + 1]` except after the last block:
+                  `hidden_states[-1]` has the final norm applied (decoders), this does not.
 
-Hooks are plain PyTorch forward hooks on the Hugging Face modules. Capturing raises
-`StopForward` once every requested point is captured, so the layers after the deepest
-hook never run.
+Hooks are plain PyTorch forward hooks on the Hugging Face modules, resolved by the small
+per-family table ARCHS. Capturing raises `StopForward` once every requested point is
+captured, so the layers after the deepest hook never run. Patching `resid_mid` changes both
+what the MLP reads and the residual the block adds the MLP's output to, as in the model.
 """
 
 from __future__ import annotations
@@ -23,21 +28,32 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 
 
 @dataclass(frozen=True)
 class Arch:
-    """Where a family keeps its blocks and sublayers (attribute paths)."""
+    """Where a family keeps its blocks and sublayers (module paths)."""
 
-    layers: str  # on the base model
-    attn: str  # on a block
-    mlp: str  # on a block
+    layers: str  # the block list, on the base model
+    attn_out: str  # on a block: its output is the attention contribution to the residual
+    mlp: tuple[str, ...]  # on a block: applied in turn they map mlp_in -> mlp_out
+    mid: str  # on a block: its input is resid_mid (pre-norm: the MLP's norm) ...
+    mid_is_output: bool = False  # ... or its output is (post-norm BERT: the attention block)
+    parallel: str | None = None  # config flag: attention and MLP both read resid_pre (no resid_mid)
 
 
-# Families whose blocks are pre-norm `x + attn(norm(x))`, `x + mlp(norm(x))` with these names.
+_PRE_NORM = Arch("layers", "self_attn", ("mlp",), "post_attention_layernorm")
+_GEMMA2 = Arch("layers", "post_attention_layernorm", ("mlp", "post_feedforward_layernorm"),
+               "pre_feedforward_layernorm")
 ARCHS: dict[str, Arch] = {
-    t: Arch("layers", "self_attn", "mlp") for t in ("llama", "mistral", "qwen2", "qwen3")
+    **{t: _PRE_NORM for t in ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")},
+    **{t: _GEMMA2 for t in ("gemma2", "gemma3_text")},
+    "gpt2": Arch("h", "attn", ("mlp",), "ln_2"),
+    "gpt_neox": Arch("layers", "attention", ("mlp",), "post_attention_layernorm",
+                     parallel="use_parallel_residual"),
+    "bert": Arch("encoder.layer", "attention.output.dense", ("intermediate", "output.dense"),
+                 "attention", mid_is_output=True),
 }
 
 
@@ -71,14 +87,22 @@ class StopForward(Exception):
 def arch_of(model: nn.Module) -> Arch:
     mtype = getattr(model.config, "model_type", "?")
     if mtype not in ARCHS:
-        base = getattr(model, "base_model", model)
-        names = [n for n, _ in base.named_children()]
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+        where = ""
+        if lists:
+            name, blocks = max(lists, key=lambda nm: len(nm[1]))
+            subs = [n for n, _ in blocks[0].named_modules() if n]
+            where = f" Its blocks look like `{name}` ({len(blocks)} of them); a block's modules are: {subs}."
         raise NotImplementedError(
             f"no hook-point table for architecture {mtype!r} (supported: {', '.join(sorted(ARCHS))}). "
-            f"Add an entry to saelab.models.hooks.ARCHS mapping the blocks, attention and MLP "
-            f"modules; the base model's children are: {names}"
+            f"Add an Arch entry to saelab.models.hooks.ARCHS naming the block list, the attention "
+            f"output, the MLP modules and the MLP's norm.{where}"
         )
     return ARCHS[mtype]
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    return model.base_model.get_submodule(arch_of(model).layers)
 
 
 def n_layers(model: nn.Module) -> int:
@@ -98,12 +122,24 @@ def resolve(model: nn.Module, hook: str | HookPoint) -> HookPoint:
             f"hook point {hp} is out of range: the model has {n} layers (0..{n - 1}). "
             f"Valid hook points: {KINDS[0]}.0 .. {KINDS[-1]}.{n - 1}, kinds {', '.join(KINDS)}"
         )
+    arch = arch_of(model)
+    if hp.kind == "resid_mid" and arch.parallel and getattr(model.config, arch.parallel, False):
+        raise ValueError(f"hook point {hp} does not exist in {model.config.model_type}: its blocks are "
+                         "parallel (attention and MLP both read resid_pre), so there is no residual "
+                         "between them; use resid_pre, attn_out, mlp_in, mlp_out or resid_post")
     return hp
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    arch = arch_of(model)
-    return getattr(model.base_model, arch.layers)
+def mlp_fn(model: nn.Module, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The block's real MLP as a function mlp_in -> mlp_out ([..., d] -> [..., d])."""
+    block = _blocks(model)[layer]
+    mods = [block.get_submodule(p) for p in arch_of(model).mlp]
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        for m in mods:
+            x = _first(m(x))
+        return x
+    return f
 
 
 def _first(output):
@@ -114,41 +150,70 @@ def _replace_first(output, new):
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
+def _on_input(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Forward pre-hook calling fn(first input) and substituting its result if not None."""
+    def pre(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        new = fn(x)
+        if new is None:
+            return None
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+    return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _on_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Forward hook calling fn(first output) and substituting its result if not None."""
+    def post(mod, args, output):
+        new = fn(_first(output))
+        return None if new is None else _replace_first(output, new)
+    return module.register_forward_hook(post)
+
+
 @contextlib.contextmanager
 def _hook(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Register `fn(activation) -> replacement or None` at a hook point for the context."""
     arch = arch_of(model)
     block = _blocks(model)[hp.layer]
+    handles = []
     if hp.kind == "resid_pre":
+        handles.append(_on_input(block, fn))
+    elif hp.kind == "resid_post":
+        handles.append(_on_output(block, fn))
+    elif hp.kind == "attn_out":
+        handles.append(_on_output(block.get_submodule(arch.attn_out), fn))
+    elif hp.kind == "mlp_in":
+        handles.append(_on_input(block.get_submodule(arch.mlp[0]), fn))
+    elif hp.kind == "mlp_out":
+        handles.append(_on_output(block.get_submodule(arch.mlp[-1]), fn))
+    elif arch.mid_is_output:  # resid_mid of a post-norm block
+        handles.append(_on_output(block.get_submodule(arch.mid), fn))
+    else:  # resid_mid of a pre-norm block: the MLP norm's input, and the residual the block keeps
+        delta: list[torch.Tensor] = []
 
-        def pre(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
+        def at_norm(x):
             new = fn(x)
-            if new is None:
-                return None
-            if args:
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
+            if new is not None:
+                delta.append(new - x)
+            return new
 
-        handle = block.register_forward_pre_hook(pre, with_kwargs=True)
-    else:
-        module = {"attn_out": getattr(block, arch.attn), "mlp_out": getattr(block, arch.mlp),
-                  "resid_post": block}[hp.kind]
+        def at_block_out(y):  # block output = resid_mid + mlp_out: move it by what the patch moved
+            return y + delta.pop() if delta else None
 
-        def post(module, args, output):
-            new = fn(_first(output))
-            return None if new is None else _replace_first(output, new)
-
-        handle = module.register_forward_hook(post)
+        handles.append(_on_input(block.get_submodule(arch.mid), at_norm))
+        handles.append(_on_output(block, at_block_out))
     try:
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, logits: bool):
     if logits:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state  # encoders without a head
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
@@ -159,7 +224,7 @@ def capture(
     input_ids: torch.Tensor,  # [batch, seq]
     attention_mask: torch.Tensor | None = None,  # [batch, seq]
 ) -> dict[HookPoint, torch.Tensor]:
-    """Activations [batch, seq, d] at each hook point; stops after the deepest one."""
+    """Activations [batch, seq, d] at each hook point, in one pass that stops after the deepest."""
     hooks = [resolve(model, h) for h in hooks]
     out: dict[HookPoint, torch.Tensor] = {}
 
@@ -191,7 +256,9 @@ def run_with_patch(
     input_ids: torch.Tensor,  # [batch, seq]
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits [batch, seq, vocab] with the activation at `hook` replaced by fn(activation)."""
+    """Logits [batch, seq, vocab] with the activation at `hook` replaced by fn(activation).
+
+    Models without an LM head (encoders) return their last hidden state instead."""
     if fn is None:
         return _forward(model, input_ids, attention_mask, logits=True)
     with _hook(model, resolve(model, hook), fn):

