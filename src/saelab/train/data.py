@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from saelab.activations.store import ActivationStore, StoreError
+from saelab.activations.store import ActivationStore, aligned
 
 
 class StorePair:
@@ -17,7 +17,7 @@ class StorePair:
         self.x = ActivationStore(store)
         self.y = ActivationStore(store_out) if store_out else None
         if self.y is not None:
-            check_aligned(self.x, self.y)
+            aligned(self.x, self.y, strict=True)
 
     @property
     def d_in(self) -> int:
@@ -51,17 +51,6 @@ class StorePair:
             if n == 0:
                 raise ValueError(f"store {self.x.path} has {self.n_tokens} tokens, fewer than one "
                                  f"batch of {batch_size}; lower batch_size or harvest more")
-
-
-def check_aligned(a: ActivationStore, b: ActivationStore) -> None:
-    """Two stores pair row by row iff they hold the same tokens in the same order."""
-    if a.n_tokens != b.n_tokens or [s["rows"] for s in a.shards] != [s["rows"] for s in b.shards]:
-        raise StoreError(f"stores {a.path} ({a.n_tokens} rows) and {b.path} ({b.n_tokens} rows) are not "
-                         "row-aligned: harvest both hooks in one pass (or with the same text, seed and budget)")
-    for i in range(len(a.shards)):
-        sa, sb = a.load_shard(i), b.load_shard(i)
-        if not all(torch.equal(sa[k], sb[k]) for k in ("tokens", "doc", "pos")):
-            raise StoreError(f"stores {a.path} and {b.path} differ in the tokens of shard {i}: not row-aligned")
 
 
 def _paired(a: ActivationStore, b: ActivationStore, batch_size: int, seed: int, epoch: int):
