@@ -82,18 +82,24 @@ def _core_config(cfg: EvalConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude={"suite", "probing", "absorption", "control"})
 
 
+def open_run(run: RunDir, cfg: EvalConfig, loaded: LoadedModel | None = None):
+    """The run's SAE (eval mode) and cfg.json, the model (loaded unless given), the checked hook
+    point, and the BOS convention the SAE was trained with."""
+    sae, meta = load_sae(run.checkpoint_dir)
+    model_name = cfg.model or meta["model"]
+    loaded = loaded or load_model(model_name, dtype=cfg.dtype)
+    hp = check_compatible(sae, meta, loaded, model_name)
+    return sae.eval(), meta, loaded, hp, _store_prepend_bos(meta)
+
+
 def evaluate(cfg: EvalConfig, loaded: LoadedModel | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the core eval for the SAE in `cfg.run`; writes eval.json and updates summary.json."""
     run = RunDir(cfg.run)
     previous = run.path / "eval.json"
     if previous.is_file() and read_json(previous).get("config") == _core_config(cfg):
         return read_json(previous)  # this run was already evaluated with this exact config
-    sae, meta = load_sae(run.checkpoint_dir)
+    sae, meta, loaded, hp, prepend_bos = open_run(run, cfg, loaded)
     model_name = cfg.model or meta["model"]
-    loaded = loaded or load_model(model_name, dtype=cfg.dtype)
-    hp = check_compatible(sae, meta, loaded, model_name)
-    prepend_bos = _store_prepend_bos(meta)
-    sae.eval()
     t0 = time.perf_counter()
     recon = reconstruction_metrics(sae, loaded, hp, _validation_batches(cfg, loaded, prepend_bos),
                                    cfg.tokens, progress, cfg.dense_thresholds)

@@ -12,12 +12,11 @@ from typing import Any
 from saelab.config import EvalConfig
 from saelab.evals.absorption import absorption
 from saelab.evals.control import randomized_control
-from saelab.evals.core import _store_prepend_bos, check_compatible, evaluate
+from saelab.evals.core import evaluate, open_run
 from saelab.evals.probing import sparse_probing
 from saelab.io import read_json, write_json
-from saelab.models.load import LoadedModel, load_model
+from saelab.models.load import LoadedModel
 from saelab.runs.rundir import RunDir
-from saelab.saes.base import load_sae
 
 _SHARED = ("run", "text", "text_field", "split", "model", "ctx_len", "batch_size", "dtype", "seed")
 
@@ -35,12 +34,7 @@ def run_suite(cfg: EvalConfig, loaded: LoadedModel | None = None, progress: bool
     run = RunDir(cfg.run)
     if not (run.checkpoint_dir / "cfg.json").is_file():
         raise FileNotFoundError(f"run directory {run.path} has no checkpoint/cfg.json (is it a trained run?)")
-    sae, meta = load_sae(run.checkpoint_dir)
-    model_name = cfg.model or meta["model"]
-    loaded = loaded or load_model(model_name, dtype=cfg.dtype)
-    hp = check_compatible(sae, meta, loaded, model_name)
-    prepend_bos = _store_prepend_bos(meta)
-    sae.eval()
+    sae, meta, loaded, hp, prepend_bos = open_run(run, cfg, loaded)
     results, walls, reused = {}, {}, []
     for name in cfg.suite:
         t0 = time.perf_counter()
@@ -57,7 +51,7 @@ def run_suite(cfg: EvalConfig, loaded: LoadedModel | None = None, progress: bool
                       "absorption": lambda: absorption(cfg.absorption, sae, loaded, hp, prepend_bos, progress, cfg.seed),
                       "control": lambda: randomized_control(cfg, sae, meta, loaded, hp, prepend_bos, progress)}[name]
                 r = fn()
-                r.update({"stage": "eval", "suite": name, "run": str(run.path), "model": model_name,
+                r.update({"stage": "eval", "suite": name, "run": str(run.path), "model": cfg.model or meta["model"],
                           "hook": str(hp), "eval_wall_seconds": round(time.perf_counter() - t0, 2), "config": key})
                 write_json(path, r)
                 results[name] = r
