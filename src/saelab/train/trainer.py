@@ -77,7 +77,7 @@ class Trainer:
         self.sae = build_sae(sae_cfg, seed=cfg.seed)
         self.lr = lr or cfg.lr or default_lr(sae_cfg.width)
         params = list(self.sae.parameters())
-        self.opt = (torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999)) if cfg.optimizer == "adam"
+        self.opt = (torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), fused=True) if cfg.optimizer == "adam"
                     else Signum(params, lr=self.lr))
         self.since_fired = torch.zeros(sae_cfg.width, dtype=torch.long)  # tokens since each latent fired
         self.step_no, self.wall_before = 0, 0.0
