@@ -288,27 +288,34 @@ class ActivationStore:
 
     def iter_batches(self, batch_size: int, seed: int, epoch: int = 0,
                      buffer_shards: int = 8, prefetch: int = 2) -> Iterator[torch.Tensor]:
-        """Shuffled float32 batches [batch_size, d_in] for one epoch (last partial dropped).
+        """Shuffled float32 batches [batch_size, d_in] for one epoch (see `shuffled_batches`)."""
+        return shuffled_batches(lambda i: self.load_shard(i)["acts"].float(), len(self.shards), self.d_in,
+                                batch_size, seed, epoch, buffer_shards, prefetch)
 
-        Shards are visited in a seeded order; rows are shuffled within a buffer of
-        `buffer_shards` shards, so memory stays bounded for stores larger than RAM. A
-        background thread reads and verifies up to `prefetch` shards ahead (0: no thread),
-        so the consumer does not wait on disk. The sequence depends on (seed, epoch) only.
-        """
-        rng = random.Random(seed * 1_000_003 + epoch)
-        order = list(range(len(self.shards)))
-        rng.shuffle(order)
-        gen = torch.Generator().manual_seed(rng.randrange(2**62))
-        shards = _read_ahead(lambda i: self.load_shard(i)["acts"].float(), order, prefetch)
-        leftover = torch.empty(0, self.d_in)
-        for g in range(0, len(order), buffer_shards):
-            group = [next(shards) for _ in order[g:g + buffer_shards]]
-            pool = torch.cat([leftover, *group])
-            pool = pool[torch.randperm(pool.shape[0], generator=gen)]
-            n_full = pool.shape[0] // batch_size
-            for b in range(n_full):
-                yield pool[b * batch_size:(b + 1) * batch_size]
-            leftover = pool[n_full * batch_size:]
+
+def shuffled_batches(load: Callable[[int], torch.Tensor], n_shards: int, width: int, batch_size: int, seed: int,
+                     epoch: int = 0, buffer_shards: int = 8, prefetch: int = 2) -> Iterator[torch.Tensor]:
+    """Shuffled batches [batch_size, width] over shards `load(i)` for one epoch (last partial dropped).
+
+    Shards are visited in a seeded order; rows are shuffled within a buffer of
+    `buffer_shards` shards, so memory stays bounded for stores larger than RAM. A
+    background thread reads and verifies up to `prefetch` shards ahead (0: no thread),
+    so the consumer does not wait on disk. The sequence depends on (seed, epoch) only.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(n_shards))
+    rng.shuffle(order)
+    gen = torch.Generator().manual_seed(rng.randrange(2**62))
+    shards = _read_ahead(load, order, prefetch)
+    leftover = torch.empty(0, width)
+    for g in range(0, len(order), buffer_shards):
+        group = [next(shards) for _ in order[g:g + buffer_shards]]
+        pool = torch.cat([leftover, *group])
+        pool = pool[torch.randperm(pool.shape[0], generator=gen)]
+        n_full = pool.shape[0] // batch_size
+        for b in range(n_full):
+            yield pool[b * batch_size:(b + 1) * batch_size]
+        leftover = pool[n_full * batch_size:]
 
 
 def _read_ahead(load: Callable[[int], torch.Tensor], order: list[int], prefetch: int) -> Iterator[torch.Tensor]:

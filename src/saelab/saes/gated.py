@@ -5,6 +5,7 @@ A gate path decides which latents fire, a magnitude path how much, sharing direc
   pi_gate = x_c W_enc + b_enc          (W_enc is W_gate, b_enc is b_gate)
   pi_mag  = x_c (W_enc * exp(r_mag)) + b_mag
   z = 1[pi_gate > 0] * ReLU(pi_mag)
+Folding an input scale into W_enc scales both paths (W_mag = W_enc e^r_mag), so the base fold serves.
 Loss = ||y - y_hat||^2 / n + lambda * sum ReLU(pi_gate) ||W_dec_i|| / n
        + ||y - (ReLU(pi_gate) W_dec' + b_dec')||^2 / n  (primes: frozen copies, the paper's L_aux).
 """
@@ -36,10 +37,6 @@ class GatedSAE(SparseCoder):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pi_gate, pi_mag = self.gates(x)
         return (pi_gate > 0) * F.relu(pi_mag)
-
-    @torch.no_grad()
-    def fold_input_scale(self, s_in: float, s_out: float) -> None:
-        super().fold_input_scale(s_in, s_out)  # W_enc scales both paths (W_mag = W_enc e^r_mag)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
         pi_gate, pi_mag = self.gates(x)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from saelab.activations.store import ActivationStore, aligned
+from saelab.activations.store import ActivationStore, aligned, shuffled_batches
 
 
 class StorePair:
@@ -54,18 +54,7 @@ class StorePair:
 
 
 def _paired(a: ActivationStore, b: ActivationStore, batch_size: int, seed: int, epoch: int):
-    """iter_batches over the column-wise concatenation of two aligned stores."""
-    joined = _Joined(a, b)
-    return ActivationStore.iter_batches(joined, batch_size, seed=seed, epoch=epoch)  # type: ignore[arg-type]
-
-
-class _Joined:
-    """Duck-types the parts of ActivationStore that iter_batches uses, over two stores."""
-
-    def __init__(self, a: ActivationStore, b: ActivationStore):
-        self.a, self.b = a, b
-        self.shards = a.shards
-        self.d_in = a.d_in + b.d_in
-
-    def load_shard(self, i: int) -> dict[str, torch.Tensor]:
-        return {"acts": torch.cat([self.a.load_shard(i)["acts"].float(), self.b.load_shard(i)["acts"].float()], 1)}
+    """Shuffled batches of the column-wise concatenation of two aligned stores: one row order for both."""
+    def load(i: int) -> torch.Tensor:
+        return torch.cat([a.load_shard(i)["acts"].float(), b.load_shard(i)["acts"].float()], 1)
+    return shuffled_batches(load, len(a.shards), a.d_in + b.d_in, batch_size, seed, epoch)

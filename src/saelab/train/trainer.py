@@ -139,7 +139,7 @@ class Trainer:
         self.step_no += 1
         row = None
         if self.step_no % cfg.log_every == 0 or self.step_no == self.total_steps:
-            parts = self.dist.sum(torch.tensor([out.fvu.item() * 1.0, out.aux_loss.item(), out.l0 * x.shape[0],
+            parts = self.dist.sum(torch.tensor([out.fvu.item(), out.aux_loss.item(), out.l0 * x.shape[0],
                                                 out.loss.item()], dtype=torch.float64))
             row = {"step": self.step_no, "tokens": self.step_no * int(n), "loss": parts[3].item(),
                    "fvu": parts[0].item(), "aux_loss": parts[1].item(), "l0": parts[2].item() / n.item(),
