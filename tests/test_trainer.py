@@ -6,7 +6,7 @@ from saelab.activations.harvest import harvest
 from saelab.config import HarvestConfig, SAEConfig, TrainConfig
 from saelab.runs.rundir import RunExistsError
 from saelab.train import trainer as trainer_mod
-from saelab.train.trainer import NonFiniteLossError, lr_factor, train
+from saelab.train.trainer import NonFiniteLossError, contiguous_alias, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,25 @@ def test_lr_schedule():
     assert lr_factor(50, 100, 10, 0.8) == 1.0
     assert lr_factor(90, 100, 10, 0.8) == pytest.approx(0.5)
     assert lr_factor(99, 100, 0, 0.8) == pytest.approx(0.05)
+
+
+def test_fused_adam_on_a_contiguous_alias_updates_the_transposed_parameter():
+    """W_enc is a transposed view; the optimizer steps a contiguous alias of the same storage."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(40, 12).t())  # [12, 40], strides (1, 12)
+    ref = torch.nn.Parameter(p.detach().contiguous())  # a copy in the usual layout
+    alias = contiguous_alias(p)
+    assert alias is not p and alias.data_ptr() == p.data_ptr() and alias.is_contiguous()
+    assert contiguous_alias(ref) is ref  # contiguous parameters are used as they are
+    fused = torch.optim.Adam([alias], lr=1e-2, fused=True)
+    plain = torch.optim.Adam([ref], lr=1e-2, foreach=False)
+    for _ in range(3):
+        g = torch.randn(12, 40)
+        p.grad, ref.grad = g.t().contiguous().t(), g.clone()  # p's gradient has p's layout
+        alias.grad = p.grad.t()
+        fused.step()
+        plain.step()
+    assert torch.allclose(p, ref, rtol=1e-6, atol=1e-7) and not torch.equal(p, torch.zeros_like(p))
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_CHUNK = 32  # rows per chunk when recomputing selected values: the [rows, k, d] gather stays
-# cache-resident (measured 58 ms per 4096-row batch at 32 rows, 162 ms at 512; d 576, k 32)
+def select_dtype(name: str) -> torch.dtype:
+    """The dtype for top-k selection: 'auto' is bfloat16 where the CPU has AVX512-BF16 (the
+    bf16 matmul runs ~2.2x float32 there, making the whole step ~1.6x faster), float32 elsewhere
+    (emulated bf16 is slower than float32)."""
+    if name == "auto":
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if native else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -33,12 +39,40 @@ def ragged_decode(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, 
 
 
 def _selected_values(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Exact float32 pre-activations at the selected latents: <x_b, W_enc[:, idx_bj]> + b_enc[idx_bj]."""
-    out = torch.empty(idx.shape, dtype=x.dtype)
-    for s in range(0, x.shape[0], _CHUNK):
-        rows = F.embedding(idx[s:s + _CHUNK], W_enc_t)  # [chunk, k, d]
-        out[s:s + _CHUNK] = torch.bmm(rows, x[s:s + _CHUNK, :, None]).squeeze(-1)
-    return out + b_enc[idx]
+    """Exact float32 pre-activations at the selected latents: <x_b, W_enc[:, idx_bj]> + b_enc[idx_bj].
+
+    These are the gradients of an embedding_bag with respect to its per-sample weights, so
+    torch's fused kernel for that computes them without materialising the [B, k, d] gather
+    (11 ms per 4096-row batch vs 68 ms for a chunked gather + bmm; d 576, k 32)."""
+    B, k = idx.shape
+    flat = idx.reshape(-1)
+    offsets = torch.arange(0, B * k, k)
+    bag_of = torch.arange(B).repeat_interleave(k)  # [B*k]: which token each entry belongs to
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(x, W_enc_t, flat, offsets, bag_of, 0, -1)
+    return dots.view(B, k) + b_enc[idx]
+
+
+def topk_indices(pre: torch.Tensor, k: int, group: int = 4) -> torch.Tensor:
+    """Indices [B, k] of the k largest entries of each row of pre [B, m] (in no order): the same
+    values as pre.topk(k), in ~2/3 of the time for wide rows (28 vs 42 ms at [4096, 9216]).
+
+    torch's CPU topk costs ~1 ns per element on wide rows but several on narrow ones, so this
+    shrinks the rows first: each level keeps the max over `group` strided slices (entry j of a
+    level covers j, j + s, j + 2s, ... of the level below; a fast vectorised pass). Any top-k
+    entry lies in one of the k best groups of every level (a group holding an entry above the
+    k-th best group max must itself be above it), so descending from the top level through only
+    those groups, group * k candidates per row, finds the top k exactly (up to ties)."""
+    B = pre.shape[0]
+    levels = [pre]
+    while levels[-1].shape[1] % group == 0 and levels[-1].shape[1] // group >= 4 * k:
+        top = levels[-1]
+        levels.append(top.view(B, group, -1).amax(1))  # [B, m / group^level]
+    idx = levels[-1].topk(k, dim=-1, sorted=False).indices
+    for level in reversed(levels[:-1]):
+        stride = level.shape[1] // group
+        cand = (idx[:, None, :] + torch.arange(group)[None, :, None] * stride).view(B, group * k)
+        idx = cand.gather(1, level.gather(1, cand).topk(k, dim=-1, sorted=False).indices)
+    return idx
 
 
 def latent_segment_sum(latents: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, k: int, m: int) -> torch.Tensor:
@@ -63,11 +97,8 @@ class TopKEncode(torch.autograd.Function):
         x_aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1).to(select_dtype)  # [B, d_in + 1]
         W_aug = torch.cat([W_enc_t, b_enc[:, None]], 1).to(select_dtype)  # [m, d_in + 1]
         pre = x_aug @ W_aug.t()  # [B, m]
-        if select_dtype == x.dtype:
-            vals, idx = pre.topk(k, dim=-1, sorted=False)
-        else:
-            idx = pre.topk(k, dim=-1, sorted=False).indices
-            vals = _selected_values(x, W_enc_t, b_enc, idx)
+        idx = topk_indices(pre, k)
+        vals = pre.gather(1, idx) if select_dtype == x.dtype else _selected_values(x, W_enc_t, b_enc, idx)
         vals = vals.relu()
         ctx.save_for_backward(x, W_enc_t, idx, vals)
         return vals, idx

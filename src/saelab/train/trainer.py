@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from saelab.config import OptimFields, SAEConfig, TrainConfig
@@ -24,6 +25,7 @@ from saelab.io import atomic_write
 from saelab.runs.rundir import RunDir
 from saelab.saes import build_sae
 from saelab.saes.base import LossContext, geometric_median
+from saelab.saes.sparse_ops import select_dtype
 from saelab.train.data import StorePair
 from saelab.train.dist import Dist, from_env
 
@@ -67,6 +69,15 @@ class Signum(torch.optim.Optimizer):
                 p.add_(m.sign(), alpha=-group["lr"])
 
 
+def contiguous_alias(p: nn.Parameter) -> nn.Parameter:
+    """p itself, or for a transposed 2-d parameter (W_enc) a contiguous Parameter sharing its
+    storage: the fused CPU Adam kernel copies non-contiguous tensors in and out every step
+    (8.9 ms vs 2.4 ms for W_enc [576, 9216]). The trainer hands the alias p.grad.t()."""
+    if p.dim() != 2 or p.is_contiguous() or not p.t().is_contiguous():
+        return p
+    return nn.Parameter(p.data.t())
+
+
 class Trainer:
     """One sparse coder being trained. Call `step(x, y)` with this rank's rows of each batch."""
 
@@ -76,7 +87,8 @@ class Trainer:
         self.dist = dist or Dist()
         self.sae = build_sae(sae_cfg, seed=cfg.seed)
         self.lr = lr or cfg.lr or default_lr(sae_cfg.width)
-        params = list(self.sae.parameters())
+        self._params = list(self.sae.parameters())
+        params = [contiguous_alias(p) for p in self._params]
         self.opt = (torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), fused=True) if cfg.optimizer == "adam"
                     else Signum(params, lr=self.lr))
         self.since_fired = torch.zeros(sae_cfg.width, dtype=torch.long)  # tokens since each latent fired
@@ -123,11 +135,14 @@ class Trainer:
             self.save_state()
             raise NonFiniteLossError(f"loss is {out.loss.item()} at step {self.step_no}; the state before "
                                      f"this step is saved in {self.run.state_file}")
-        self.opt.zero_grad(set_to_none=True)
+        self.sae.zero_grad(set_to_none=True)
         out.loss.backward()
         self.dist.sum_grads(sae.parameters())
         if sae.unit_norm_decoder:
             sae.remove_parallel_decoder_grad()
+        for alias, p in zip(self.opt.param_groups[0]["params"], self._params):
+            if alias is not p:
+                alias.grad = None if p.grad is None else p.grad.t()
         self.opt.step()
         if sae.unit_norm_decoder:
             sae.set_decoder_unit_norm()
@@ -189,6 +204,7 @@ class Trainer:
             "dead_fraction": float((self.since_fired >= cfg.dead_tokens).float().mean()),
             "dead_definition": f"no activation in the last {cfg.dead_tokens} training tokens",
             "wall_seconds": round(self.wall, 2), "tokens_per_second": round(tokens / max(self.wall, 1e-9), 1),
+            "topk_select_dtype": str(select_dtype(cfg.topk_select_dtype)).removeprefix("torch."),
             "world_size": self.dist.world, **summary_extra,
         })
         self.run.state_file.unlink(missing_ok=True)
