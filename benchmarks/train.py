@@ -58,18 +58,19 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 # --- one trainer per library: init(x_sample) -> (step(x), reconstruct(x)) -----------------------
 
-def make_saelab(select: str = "float32", arch: str = "topk", normalize: bool = True):
+def make_saelab(select: str = "auto", arch: str = "topk", normalize: bool = True):
     from saelab.config import OptimFields, SAEConfig
     from saelab.runs.rundir import RunDir
     from saelab.train.trainer import Trainer
 
-    def init(sample, lr, total_steps):
+    def init(sample, lr, total_steps, dead_after):
         run = RunDir(tempfile.mkdtemp())
         run.path.mkdir(exist_ok=True)
         # saelab's default trains on inputs scaled to E||x||^2 = d (folded into the weights at save)
         cfg = OptimFields(batch_size=BATCH, lr=lr, b_dec_init="mean", normalize=normalize, warmup_steps=0,
                           decay_start=1.0, log_every=10**9, checkpoint_every=10**9)
-        sae_cfg = SAEConfig(architecture=arch, d_in=D, width=WIDTH, k=K, topk_select_dtype=select)
+        sae_cfg = SAEConfig(architecture=arch, d_in=D, width=WIDTH, k=K, topk_select_dtype=select,
+                            dead_tokens=dead_after)
         t = Trainer(sae_cfg, cfg, run, total_steps, (sample, sample))
 
         def reconstruct(x):
@@ -82,7 +83,7 @@ def make_saelab(select: str = "float32", arch: str = "topk", normalize: bool = T
 def make_sparsify():
     from sparsify import SparseCoder, SparseCoderConfig
 
-    def init(sample, lr, total_steps):
+    def init(sample, lr, total_steps, dead_after):
         torch.manual_seed(0)
         sae = SparseCoder(D, SparseCoderConfig(num_latents=WIDTH, k=K), device="cpu")
         with torch.no_grad():
@@ -91,7 +92,7 @@ def make_sparsify():
         since = torch.zeros(WIDTH, dtype=torch.long)
 
         def step(x):
-            dead = since >= 10_000_000
+            dead = since >= dead_after
             out = sae(x, dead_mask=dead)
             loss = out.fvu + (1 / 32) * out.auxk_loss
             opt.zero_grad()
@@ -113,7 +114,7 @@ def make_saelens(sparse: bool):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
-    def init(sample, lr, total_steps):
+    def init(sample, lr, total_steps, dead_after):
         torch.manual_seed(0)
         # sparse activations fail in backward with the default rescale_acts_by_decoder_norm=True
         # (sae-lens 6.54.12, torch 2.13: aten::view on SparseCPU), so the sparse variant turns it off
@@ -142,8 +143,8 @@ def make_saelens(sparse: bool):
 
 
 LIBS = {
-    "saelab": make_saelab("float32"),
-    "saelab-bf16select": make_saelab("bfloat16"),
+    "saelab": make_saelab("auto"),  # bf16 top-k selection where the CPU has AVX512-BF16
+    "saelab-fp32": make_saelab("float32"),
     "saelab-raw": make_saelab("float32", normalize=False),
     "sparsify": make_sparsify(),
     "saelens-sparse": make_saelens(True),
@@ -151,8 +152,8 @@ LIBS = {
 }
 
 
-def run_one(init, data, holdout, steps, warmup, lr):
-    step, reconstruct = init(data[:8192], lr, steps + warmup)
+def run_one(init, data, holdout, steps, warmup, lr, dead_after):
+    step, reconstruct = init(data[:8192], lr, steps + warmup, dead_after)
     times = []
     for i in range(steps + warmup):
         x = data[i * BATCH:(i + 1) * BATCH]
@@ -172,6 +173,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-4 / (WIDTH / 2**14) ** 0.5)
     ap.add_argument("--libs", default=",".join(LIBS))
+    ap.add_argument("--dead-after", type=int, default=10_000_000,
+                    help="a latent silent this many tokens is dead and AuxK trains it (sparsify's default "
+                         "10M; a small value times the long-run regime where AuxK runs every step)")
     ap.add_argument("--archs", default="relu,topk,batchtopk,jumprelu,gated,matryoshka,panneal",
                     help="saelab architectures to time (a few steps each); empty to skip")
     ap.add_argument("--arch-repeats", type=int, default=3)
@@ -191,7 +195,8 @@ def main() -> None:
     for r in range(args.repeats):
         peaks.append(matmul_gflops())
         for lib in libs:  # interleaved, so slow phases of a shared machine hit every library
-            results[lib].append(run_one(LIBS[lib], data, holdout, args.steps, args.warmup, args.lr))
+            results[lib].append(run_one(LIBS[lib], data, holdout, args.steps, args.warmup, args.lr,
+                                        args.dead_after))
             print(f"repeat {r} {lib}: {results[lib][-1]}", flush=True)
     peak = statistics.median(peaks)
     flop_per_token = 2 * D * WIDTH
@@ -205,13 +210,13 @@ def main() -> None:
     archs = {}
     for arch in filter(None, args.archs.split(",")):
         n_steps = min(6, args.steps + args.warmup - 1)  # within the prepared batches
-        rs = [run_one(make_saelab("float32", arch), data, holdout, n_steps, 1, args.lr)["tokens_per_s"]
+        rs = [run_one(make_saelab("auto", arch), data, holdout, n_steps, 1, args.lr, args.dead_after)["tokens_per_s"]
               for _ in range(args.arch_repeats)]
         archs[arch] = round(statistics.median(rs))
         print(f"arch {arch}: {archs[arch]} tok/s", flush=True)
     report = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} torch threads", "data": args.data, "d_in": D, "width": WIDTH, "k": K,
-              "batch": BATCH, "optimizer": f"Adam lr {args.lr:.3g}", "tokens_trained": args.steps * BATCH + args.warmup * BATCH,
+              "batch": BATCH, "optimizer": f"Adam lr {args.lr:.3g}", "dead_after_tokens": args.dead_after, "tokens_trained": args.steps * BATCH + args.warmup * BATCH,
               "matmul_fp32_gflops": round(peak, 1), "token_limit_per_s": round(peak * 1e9 / flop_per_token),
               "libraries": table, "saelab_architectures_tokens_per_s": archs}
     print(json.dumps({k: v for k, v in report.items() if k != "libraries"}, indent=1))

@@ -7,7 +7,7 @@ from saelab.saes.base import LossContext, geometric_median
 from saelab.saes.batchtopk import batch_topk
 from saelab.saes.matryoshka import group_bounds
 from saelab.saes.panneal import p_at
-from saelab.saes.sparse_ops import ragged_decode, sparse_decode, topk_encode
+from saelab.saes.sparse_ops import ragged_decode, select_dtype, sparse_decode, topk_encode, topk_indices
 
 ARCHS = sorted(ARCHITECTURES)
 
@@ -135,6 +135,47 @@ def test_bf16_selection_recomputes_exact_values():
     ref = torch.relu(x @ W + b).topk(8, dim=-1).indices
     overlap = sum(len(set(a.tolist()) & set(r.tolist())) for a, r in zip(idx, ref, strict=True)) / ref.numel()
     assert overlap > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape_k", [((64, 4096), 8), ((50, 1000), 5), ((30, 96), 4), ((16, 2048), 64)])
+def test_grouped_topk_finds_the_same_values_as_topk(dtype, shape_k):
+    (B, m), k = shape_k
+    g = torch.Generator().manual_seed(0)
+    for pre in (torch.randn(B, m, generator=g), torch.randint(-20, 20, (B, m), generator=g).float()):  # ties
+        pre = pre.to(dtype)
+        idx = topk_indices(pre, k)
+        assert idx.shape == (B, k) and all(len(set(r.tolist())) == k for r in idx)  # k distinct latents
+        got = pre.gather(1, idx).sort(-1, descending=True).values
+        assert torch.equal(got, pre.topk(k, dim=-1).values)
+
+
+def test_auto_select_dtype_follows_the_cpu():
+    native = torch.cpu._is_avx512_bf16_supported()
+    assert select_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+    assert select_dtype("float32") == torch.float32 and select_dtype("bfloat16") == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead", [4, 10, 60])  # aux_k = all dead, dense decode, sparse decode
+def test_auxk_uses_only_dead_latents_and_matches_the_dense_definition(arch, n_dead):
+    torch.manual_seed(0)
+    sae = build_sae(_cfg(arch, width=64, k=4, aux_k=6, topk_select_dtype="float32"), seed=0)
+    x = synthetic(n=256)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64)[:n_dead]] = True
+    out = sae(x, x, ctx_for(x, dead_mask=dead))
+    out.loss.backward()
+    # reference (Gao et al. 2024): top aux_k of the dead latents' pre-activations reconstruct y - y_hat
+    with torch.no_grad():
+        pre = torch.relu(sae.pre_acts(x)).masked_fill(~dead, float("-inf"))
+        vals, idx = pre.topk(min(6, n_dead), dim=-1)
+        e_hat = torch.zeros(256, 64).scatter(-1, idx, vals) @ sae.W_dec
+        ref = (e_hat - (x - out.y_hat)).pow(2).sum() / ctx_for(x).total_variance * min(n_dead / 6, 1.0)
+    assert torch.allclose(out.aux_loss, ref, rtol=1e-5)
+    assert sae.W_enc.grad[:, dead].abs().sum() > 0  # the aux gradient reaches the dead encoders
+    alive = sae(x, x, ctx_for(x, dead_mask=torch.zeros(64, dtype=torch.bool)))
+    assert alive.aux_loss == 0
 
 
 def test_batch_topk_and_ragged_decode():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
 from saelab.saes.sparse_ops import ragged_decode
-from saelab.saes.topk import auxk_loss
+from saelab.saes.topk import auxk_loss, dead_latents
 
 THRESHOLD_EMA = 0.99
 
@@ -60,7 +60,8 @@ class BatchTopKSAE(SparseCoder):
         y_hat = self.decode_selected(rows, cols, vals, x)
         err = y - y_hat
         fvu = fvu_of(err, ctx.total_variance)
-        aux = auxk_loss(self, pre, err, ctx)
+        dead = dead_latents(self, ctx)
+        aux = torch.zeros(()) if dead is None else auxk_loss(self, pre[:, dead], dead, err, ctx)
         loss = fvu + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvu.detach(), aux.detach(), cols, rows.numel() / x.shape[0])
 

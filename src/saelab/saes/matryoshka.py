@@ -16,7 +16,7 @@ from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, fvu_of, register
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.sparse_ops import ragged_decode
-from saelab.saes.topk import auxk_loss
+from saelab.saes.topk import auxk_loss, dead_latents
 
 DEFAULT_GROUPS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
@@ -53,6 +53,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             fvus.append(fvu_of(y - y_hat, ctx.total_variance))
             start = end
         err = y - y_hat
-        aux = auxk_loss(self, pre, err, ctx)
+        dead = dead_latents(self, ctx)
+        aux = torch.zeros(()) if dead is None else auxk_loss(self, pre[:, dead], dead, err, ctx)
         loss = torch.stack(fvus).mean() + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvus[-1].detach(), aux.detach(), cols, rows.numel() / B)

@@ -10,23 +10,40 @@ import torch
 import torch.nn.functional as F
 
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
-from saelab.saes.sparse_ops import sparse_decode, topk_encode
+from saelab.saes.sparse_ops import select_dtype, sparse_decode, topk_encode
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DENSE_AUX_RATIO = 6  # up to this many dead latents per aux_k slot, decode AuxK densely. Measured
+# (d 576, batch 4096, aux_k 288; AuxK forward + backward): 300 dead 77 vs 201 ms sparse, 1000 dead
+# 171 vs 251 ms, 2000 dead 332 vs 338 ms, 5000 dead 928 vs 654 ms.
 
 
-def auxk_loss(sae: SparseCoder, pre: torch.Tensor, err: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+def dead_latents(sae: SparseCoder, ctx: LossContext) -> torch.Tensor | None:
+    """Ids [n_dead] of the latents AuxK should revive, or None when it has nothing to do."""
+    if ctx.dead_mask is None or sae.cfg.aux_coef == 0 or not ctx.dead_mask.any():
+        return None
+    return ctx.dead_mask.nonzero().squeeze(1)
+
+
+def auxk_loss(sae: SparseCoder, pre_dead: torch.Tensor, dead: torch.Tensor, err: torch.Tensor,
+              ctx: LossContext) -> torch.Tensor:
     """AuxK: reconstruct the (detached) error from the top aux_k dead latents' pre-activations.
 
-    pre: [batch, width] pre-activations (ReLU'd); err: [batch, d_out] = y - y_hat. Weighed
-    down while fewer latents are dead than aux_k asks for (as sparsify does).
+    pre_dead: [batch, n_dead] ReLU'd pre-activations of the dead latents `dead` [n_dead];
+    err: [batch, d_out] = y - y_hat. Weighed down while fewer latents are dead than aux_k asks
+    for (as sparsify does).
     """
-    if ctx.dead_mask is None or sae.cfg.aux_coef == 0 or (n_dead := int(ctx.dead_mask.sum())) == 0:
-        return torch.zeros(())
     aux_k_cfg = sae.cfg.aux_k or sae.cfg.d_in // 2
+    n_dead = dead.numel()
     aux_k = min(aux_k_cfg, n_dead)
-    vals, idx = pre.masked_fill(~ctx.dead_mask, float("-inf")).topk(aux_k, dim=-1, sorted=False)
-    e_hat = sparse_decode(vals.clamp_min(0), idx, sae.W_dec)
+    if n_dead > DENSE_AUX_RATIO * aux_k:  # few of the dead fire: k-sparse decode
+        vals, j = pre_dead.topk(aux_k, dim=-1, sorted=False)
+        e_hat = sparse_decode(vals, dead[j], sae.W_dec)
+    else:  # most of the dead fire: a dense [batch, n_dead] x [n_dead, d_out] matmul is cheaper
+        z = pre_dead
+        if aux_k < n_dead:
+            vals, j = pre_dead.topk(aux_k, dim=-1, sorted=False)
+            z = torch.zeros_like(pre_dead).scatter(-1, j, vals)
+        e_hat = z @ sae.W_dec[dead]
     return min(n_dead / aux_k_cfg, 1.0) * fvu_of(e_hat - err.detach(), ctx.total_variance)
 
 
@@ -47,13 +64,14 @@ class TopKSAE(SparseCoder):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
         x_c = self.centered(x)
-        vals, idx = topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k, DTYPES[self.cfg.topk_select_dtype])
+        vals, idx = topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k, select_dtype(self.cfg.topk_select_dtype))
         y_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec + self.skip_out(x)
         err = y - y_hat
         fvu = fvu_of(err, ctx.total_variance)
         aux = torch.zeros(())
-        if ctx.dead_mask is not None and ctx.dead_mask.any() and self.cfg.aux_coef > 0:
-            pre = F.relu(x_c @ self.W_enc + self.b_enc)  # dense, only while latents are dead
-            aux = auxk_loss(self, pre, err, ctx)
+        if (dead := dead_latents(self, ctx)) is not None:
+            # [batch, n_dead]: dead columns only, gathered as rows of W_enc's [width, d_in] storage
+            pre_dead = F.relu(x_c @ self.W_enc.t()[dead].t() + self.b_enc[dead])
+            aux = auxk_loss(self, pre_dead, dead, err, ctx)
         loss = fvu + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvu.detach(), aux.detach(), idx, float(self.cfg.k))
