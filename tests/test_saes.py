@@ -4,10 +4,16 @@ import torch
 from saelab.config import ARCHITECTURE_NAMES, SAEConfig
 from saelab.saes import ARCHITECTURES, build_sae, load_sae
 from saelab.saes.base import LossContext, geometric_median
-from saelab.saes.batchtopk import batch_topk
 from saelab.saes.matryoshka import group_bounds
 from saelab.saes.panneal import p_at
-from saelab.saes.sparse_ops import ragged_decode, select_dtype, sparse_decode, topk_encode, topk_indices
+from saelab.saes.sparse_ops import (
+    batch_topk_encode,
+    ragged_decode,
+    select_dtype,
+    sparse_decode,
+    topk_encode,
+    topk_indices,
+)
 
 ARCHS = sorted(ARCHITECTURES)
 
@@ -178,10 +184,40 @@ def test_auxk_uses_only_dead_latents_and_matches_the_dense_definition(arch, n_de
     assert alive.aux_loss == 0
 
 
-def test_batch_topk_and_ragged_decode():
-    pre = torch.tensor([[5.0, 0.1, 0.0], [0.2, 4.0, 3.0]])
-    rows, cols, vals = batch_topk(pre, k=1)  # 2 largest over the batch: both in row... 5 and 4
-    assert rows.tolist() == [0, 1] and cols.tolist() == [0, 1] and vals.tolist() == [5.0, 4.0]
+def test_batch_topk_kernel_matches_dense_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(300, 24, requires_grad=True)  # the input gradient reaches b_dec in an SAE
+    W = torch.randn(24, 80, requires_grad=True)
+    b = (torch.randn(80) - 8).requires_grad_()  # many pre-activations < 0: fewer than k*B kept
+    W_dec = torch.randn(80, 24, requires_grad=True)
+    rows, cols, vals = batch_topk_encode(x, W, b, 6)
+    assert torch.equal(rows, rows.sort().values) and (vals > 0).all()
+    (ragged_decode(rows, cols, vals, W_dec, 300).pow(2).sum()).backward()
+    grads = [t.grad.clone() for t in (x, W, b, W_dec)]
+    for t in (x, W, b, W_dec):
+        t.grad = None
+    # the definition (Bussmann et al. 2024): the k*B largest ReLU'd pre-activations of the batch
+    pre = torch.relu(x @ W + b)
+    v, flat = pre.reshape(-1).topk(6 * 300)
+    flat = flat[v > 0]
+    assert torch.equal(flat.sort().values, (rows * 80 + cols).sort().values) and len(flat) < 6 * 300
+    dense = torch.zeros(300 * 80).index_put((flat,), pre.reshape(-1)[flat]).view(300, 80)
+    (dense @ W_dec).pow(2).sum().backward()
+    for g, t in zip(grads, (x, W, b, W_dec), strict=True):
+        assert torch.allclose(g, t.grad, rtol=1e-4, atol=1e-6 * t.grad.abs().max())
+
+
+def test_batch_topk_bf16_selection_recomputes_exact_values():
+    torch.manual_seed(0)
+    x, W, b = torch.randn(100, 32), torch.randn(32, 128), torch.randn(128)
+    rows, cols, vals = batch_topk_encode(x, W, b, 8, torch.bfloat16)
+    pre = torch.relu(x @ W + b)
+    assert torch.allclose(vals, pre[rows, cols], atol=1e-5)
+    ref = set(pre.reshape(-1).topk(800).indices.tolist())
+    assert len(ref & set((rows * 128 + cols).tolist())) / 800 > 0.9
+
+
+def test_ragged_decode():
     W = torch.eye(3)
     out = ragged_decode(torch.tensor([1, 1]), torch.tensor([1, 2]), torch.tensor([4.0, 3.0]), W, batch=3)
     assert out.tolist() == [[0, 0, 0], [0, 4, 3], [0, 0, 0]]

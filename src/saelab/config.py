@@ -131,7 +131,7 @@ class SAEConfig(Config):
     group_fractions: list[float] | None = Field(None, description="Matryoshka nested group sizes as fractions of width (sum 1)")
     p_end: float = Field(0.5, gt=0, le=1, description="p-annealing: final p of the Lp penalty (starts at 1)")
     topk_select_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="dtype of the encoder matmul that selects the top k in training (the selected values are "
+        "auto", description="dtype of the encoder matmul that selects the top k in training (topk, batchtopk, matryoshka; the selected values are "
                             "recomputed in float32); auto: bfloat16 where the CPU multiplies it natively (AVX512-BF16), else float32")
 
     @model_validator(mode="after")

@@ -14,18 +14,10 @@ import torch.nn.functional as F
 
 from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
-from saelab.saes.sparse_ops import ragged_decode
-from saelab.saes.topk import auxk_loss, dead_latents
+from saelab.saes.sparse_ops import batch_topk_encode, ragged_decode, select_dtype
+from saelab.saes.topk import auxk_loss, dead_latents, dead_pre_acts
 
 THRESHOLD_EMA = 0.99
-
-
-def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k*batch largest entries of pre [batch, width] as (rows, cols, values), rows sorted."""
-    B, m = pre.shape
-    vals, flat = pre.reshape(-1).topk(k * B, sorted=False)
-    flat, order = flat.sort()
-    return flat // m, flat % m, vals[order]
 
 
 @register("batchtopk")
@@ -41,10 +33,9 @@ class BatchTopKSAE(SparseCoder):
             raise RuntimeError("BatchTopK threshold was never estimated: train the SAE first")
         return pre * (pre > self.threshold)
 
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows, cols, vals = batch_topk(pre, self.cfg.k)
-        keep = vals > 0
-        return rows[keep], cols[keep], vals[keep]
+    def select(self, x_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's k*B largest positive pre-activations as row-sorted (rows, cols, values) [nnz]."""
+        return batch_topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k, select_dtype(self.cfg.topk_select_dtype))
 
     @torch.no_grad()
     def update_threshold(self, vals: torch.Tensor) -> None:
@@ -54,14 +45,14 @@ class BatchTopKSAE(SparseCoder):
         self.threshold.copy_(low if self.threshold < 0 else THRESHOLD_EMA * self.threshold + (1 - THRESHOLD_EMA) * low)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        pre = F.relu(self.pre_acts(x))  # [batch, width]
-        rows, cols, vals = self.select(pre)
+        x_c = self.centered(x)
+        rows, cols, vals = self.select(x_c)
         self.update_threshold(vals.detach())
         y_hat = self.decode_selected(rows, cols, vals, x)
         err = y - y_hat
         fvu = fvu_of(err, ctx.total_variance)
         dead = dead_latents(self, ctx)
-        aux = torch.zeros(()) if dead is None else auxk_loss(self, pre[:, dead], dead, err, ctx)
+        aux = torch.zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
         loss = fvu + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvu.detach(), aux.detach(), cols, rows.numel() / x.shape[0])
 

@@ -10,13 +10,12 @@ features and later ones specialise. Selection and the inference threshold are Ba
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, fvu_of, register
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.sparse_ops import ragged_decode
-from saelab.saes.topk import auxk_loss, dead_latents
+from saelab.saes.topk import auxk_loss, dead_latents, dead_pre_acts
 
 DEFAULT_GROUPS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
@@ -40,8 +39,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.ends = group_bounds(cfg.width, cfg.group_fractions or DEFAULT_GROUPS)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        pre = F.relu(self.pre_acts(x))
-        rows, cols, vals = self.select(pre)
+        x_c = self.centered(x)
+        rows, cols, vals = self.select(x_c)
         self.update_threshold(vals.detach())
         B = x.shape[0]
         y_hat = self.b_dec + self.skip_out(x)
@@ -54,6 +53,6 @@ class MatryoshkaSAE(BatchTopKSAE):
             start = end
         err = y - y_hat
         dead = dead_latents(self, ctx)
-        aux = torch.zeros(()) if dead is None else auxk_loss(self, pre[:, dead], dead, err, ctx)
+        aux = torch.zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
         loss = torch.stack(fvus).mean() + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvus[-1].detach(), aux.detach(), cols, rows.numel() / B)

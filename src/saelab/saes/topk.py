@@ -24,6 +24,12 @@ def dead_latents(sae: SparseCoder, ctx: LossContext) -> torch.Tensor | None:
     return ctx.dead_mask.nonzero().squeeze(1)
 
 
+def dead_pre_acts(sae: SparseCoder, x_c: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """ReLU'd pre-activations [batch, n_dead] of the dead latents only: their encoder columns are
+    gathered as rows of W_enc's [width, d_in] storage (the gradient then keeps W_enc's layout)."""
+    return F.relu(x_c @ sae.W_enc.t()[dead].t() + sae.b_enc[dead])
+
+
 def auxk_loss(sae: SparseCoder, pre_dead: torch.Tensor, dead: torch.Tensor, err: torch.Tensor,
               ctx: LossContext) -> torch.Tensor:
     """AuxK: reconstruct the (detached) error from the top aux_k dead latents' pre-activations.
@@ -70,8 +76,6 @@ class TopKSAE(SparseCoder):
         fvu = fvu_of(err, ctx.total_variance)
         aux = torch.zeros(())
         if (dead := dead_latents(self, ctx)) is not None:
-            # [batch, n_dead]: dead columns only, gathered as rows of W_enc's [width, d_in] storage
-            pre_dead = F.relu(x_c @ self.W_enc.t()[dead].t() + self.b_enc[dead])
-            aux = auxk_loss(self, pre_dead, dead, err, ctx)
+            aux = auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
         loss = fvu + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvu.detach(), aux.detach(), idx, float(self.cfg.k))

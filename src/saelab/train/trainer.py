@@ -140,7 +140,7 @@ class Trainer:
         self.dist.sum_grads(sae.parameters())
         if sae.unit_norm_decoder:
             sae.remove_parallel_decoder_grad()
-        for alias, p in zip(self.opt.param_groups[0]["params"], self._params):
+        for alias, p in zip(self.opt.param_groups[0]["params"], self._params, strict=True):
             if alias is not p:
                 alias.grad = None if p.grad is None else p.grad.t()
         self.opt.step()
