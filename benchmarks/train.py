@@ -5,7 +5,8 @@ the same width, k, batch size and optimizer (Adam, same lr), on the same machine
 run; libraries are interleaved over repeats and medians are reported. Reports tokens/s,
 FVU on held-out rows after the same number of tokens, achieved GFLOP/s (counting only the
 irreducible dense encoder forward, 2 d m FLOPs per token) and the measured float32 matmul
-GFLOP/s of the same shape (the limit), plus every saelab architecture's tokens/s.
+GFLOP/s of the same shape (the limit; and the bf16 one, the limit where the selection runs in
+bf16), plus every saelab architecture's tokens/s.
 
 Needs a venv with saelab, eai-sparsify and sae-lens (torch==2.13.0 pinned):
   python3 -m venv .bench && .bench/bin/pip install torch==2.13.0 -e . eai-sparsify sae-lens
@@ -41,8 +42,9 @@ def synthetic(n: int, d: int, seed: int = 0) -> torch.Tensor:
     return out
 
 
-def matmul_gflops(n_rep: int = 7) -> float:
-    a, b = torch.randn(BATCH, D), torch.randn(D, WIDTH)
+def matmul_gflops(dtype: torch.dtype = torch.float32, n_rep: int = 7) -> float:
+    """Measured GFLOP/s of the encoder-forward matmul [BATCH, D] x [D, WIDTH] in dtype."""
+    a, b = torch.randn(BATCH, D, dtype=dtype), torch.randn(D, WIDTH, dtype=dtype)
     torch.mm(a, b)
     ts = []
     for _ in range(n_rep):
@@ -191,14 +193,15 @@ def main() -> None:
     data, holdout = data[:n], data[n:n + 8192]
     libs = args.libs.split(",")
     results = {lib: [] for lib in libs}
-    peaks = []
+    peaks, peaks_bf16 = [], []
     for r in range(args.repeats):
         peaks.append(matmul_gflops())
+        peaks_bf16.append(matmul_gflops(torch.bfloat16))
         for lib in libs:  # interleaved, so slow phases of a shared machine hit every library
             results[lib].append(run_one(LIBS[lib], data, holdout, args.steps, args.warmup, args.lr,
                                         args.dead_after))
             print(f"repeat {r} {lib}: {results[lib][-1]}", flush=True)
-    peak = statistics.median(peaks)
+    peak, peak_bf16 = statistics.median(peaks), statistics.median(peaks_bf16)
     flop_per_token = 2 * D * WIDTH
     table = {}
     for lib, rs in results.items():
@@ -206,6 +209,7 @@ def main() -> None:
         table[lib] = {"tokens_per_s": round(tps), "fvu": round(statistics.median(x["fvu"] for x in rs), 4),
                       "achieved_gflops": round(tps * flop_per_token / 1e9, 1),
                       "fraction_of_matmul_limit": round(tps * flop_per_token / 1e9 / peak, 3),
+                      "fraction_of_bf16_matmul_limit": round(tps * flop_per_token / 1e9 / peak_bf16, 3),
                       "runs": rs}
     archs = {}
     for arch in filter(None, args.archs.split(",")):
@@ -218,11 +222,14 @@ def main() -> None:
               f"{torch.get_num_threads()} torch threads", "data": args.data, "d_in": D, "width": WIDTH, "k": K,
               "batch": BATCH, "optimizer": f"Adam lr {args.lr:.3g}", "dead_after_tokens": args.dead_after, "tokens_trained": args.steps * BATCH + args.warmup * BATCH,
               "matmul_fp32_gflops": round(peak, 1), "token_limit_per_s": round(peak * 1e9 / flop_per_token),
+              "matmul_bf16_gflops": round(peak_bf16, 1),
+              "bf16_token_limit_per_s": round(peak_bf16 * 1e9 / flop_per_token),
               "libraries": table, "saelab_architectures_tokens_per_s": archs}
     print(json.dumps({k: v for k, v in report.items() if k != "libraries"}, indent=1))
     for lib, row in table.items():
         print(f"{lib:18s} {row['tokens_per_s']:>8,} tok/s  FVU {row['fvu']:.4f}  {row['achieved_gflops']:6.1f} GFLOP/s "
-              f"({row['fraction_of_matmul_limit']:.0%} of the fp32 matmul limit)")
+              f"({row['fraction_of_matmul_limit']:.0%} of the fp32, "
+              f"{row['fraction_of_bf16_matmul_limit']:.0%} of the bf16 matmul limit)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
