@@ -121,6 +121,43 @@ def test_fused_adam_on_a_contiguous_alias_updates_the_transposed_parameter():
     assert torch.allclose(p, ref, rtol=1e-6, atol=1e-7) and not torch.equal(p, torch.zeros_like(p))
 
 
+def test_resume_reads_optimizer_state_saved_in_the_parameter_layout(tmp_path):
+    """States saved before the alias existed are [d_in, width]; same numel, so fused Adam would
+    silently misread them: they are transposed on load, and other shapes are refused."""
+    from saelab.config import OptimFields
+    from saelab.runs.rundir import RunDir
+    from saelab.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 16)
+    cfg = OptimFields(batch_size=128, lr=1e-2, b_dec_init="mean", warmup_steps=0, log_every=10**9,
+                      checkpoint_every=10**9)
+    sae_cfg = SAEConfig(d_in=16, width=64, k=4)
+
+    def resumed_step(state):
+        run = RunDir(tmp_path / f"r{len(list(tmp_path.iterdir()))}")
+        run.path.mkdir()
+        torch.save(state, run.state_file)
+        t = Trainer(sae_cfg, cfg, run, 10, (x, x))
+        t.step(x[128:256])
+        return t.sae.W_enc.detach().clone()
+
+    first = RunDir(tmp_path / "first")
+    first.path.mkdir()
+    t = Trainer(sae_cfg, cfg, first, 10, (x, x))
+    t.step(x[:128])
+    t.save_state()
+    state = torch.load(first.state_file, weights_only=True)
+    new = resumed_step(state)
+    i = [n for n, _ in t.sae.named_parameters()].index("W_enc")
+    for key in ("exp_avg", "exp_avg_sq"):
+        state["opt"]["state"][i][key] = state["opt"]["state"][i][key].t()  # the old layout
+    assert torch.equal(resumed_step(state), new)
+    state["opt"]["state"][i]["exp_avg"] = torch.zeros(8, 128)
+    with pytest.raises(ValueError, match="optimizer state 'exp_avg' has shape"):
+        resumed_step(state)
+
+
 @pytest.fixture(scope="module")
 def mlp_stores(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path_factory):
     """resid_pre.1 and mlp_out.1 harvested with the same settings: row-aligned stores."""

@@ -178,6 +178,14 @@ class Trainer:
         state = torch.load(self.run.state_file, weights_only=True)
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
+        for alias, p in zip(self.opt.param_groups[0]["params"], self._params, strict=True):
+            for key, v in self.opt.state.get(alias, {}).items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != alias.shape:
+                    # fused Adam would read a same-size buffer of another shape silently wrong
+                    if v.shape != p.shape:
+                        raise ValueError(f"{self.run.state_file}: optimizer state {key!r} has shape "
+                                         f"{tuple(v.shape)}, its parameter {tuple(alias.shape)}")
+                    self.opt.state[alias][key] = v.t().contiguous()  # saved before W_enc's alias existed
         self.since_fired = state["since_fired"]
         self.step_no, self.wall_before = int(state["step"]), float(state["wall_seconds"])
         self.s_in, self.s_out = float(state["s_in"]), float(state["s_out"])
