@@ -144,6 +144,7 @@ class Trainer:
             if alias is not p:
                 alias.grad = None if p.grad is None else p.grad.t()
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # the aliases' gradients would outlive the step
         if sae.unit_norm_decoder:
             sae.set_decoder_unit_norm()
         fired = torch.zeros(sae.cfg.width, dtype=torch.int32)
