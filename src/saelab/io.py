@@ -16,6 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names in configs and files
+
 
 def cache_dir() -> Path:
     """saelab's cache: $SAELAB_CACHE, else $XDG_CACHE_HOME/saelab, else ~/.cache/saelab."""

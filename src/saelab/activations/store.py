@@ -32,13 +32,12 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from saelab.io import atomic_write, read_json, sha256_bytes, write_json
+from saelab.io import DTYPES, atomic_write, read_json, sha256_bytes, write_json
 
 INDEX = ("tokens", "doc", "pos")
 EXCLUDED = ("bos", "pad", "special", "listed")
 
 FORMAT = "saelab.activations/1"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class StoreError(RuntimeError):

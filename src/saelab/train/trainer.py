@@ -87,8 +87,8 @@ class Trainer:
         self.dist = dist or Dist()
         self.sae = build_sae(sae_cfg, seed=cfg.seed)
         self.lr = lr or cfg.lr or default_lr(sae_cfg.width)
-        self._params = list(self.sae.parameters())
-        params = [contiguous_alias(p) for p in self._params]
+        params = [contiguous_alias(p) for p in self.sae.parameters()]
+        self._aliases = [(a, p) for a, p in zip(params, self.sae.parameters(), strict=True) if a is not p]
         self.opt = (torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), fused=True) if cfg.optimizer == "adam"
                     else Signum(params, lr=self.lr))
         self.since_fired = torch.zeros(sae_cfg.width, dtype=torch.long)  # tokens since each latent fired
@@ -140,9 +140,8 @@ class Trainer:
         self.dist.sum_grads(sae.parameters())
         if sae.unit_norm_decoder:
             sae.remove_parallel_decoder_grad()
-        for alias, p in zip(self.opt.param_groups[0]["params"], self._params, strict=True):
-            if alias is not p:
-                alias.grad = None if p.grad is None else p.grad.t()
+        for alias, p in self._aliases:
+            alias.grad = None if p.grad is None else p.grad.t()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # the aliases' gradients would outlive the step
         if sae.unit_norm_decoder:
@@ -179,7 +178,7 @@ class Trainer:
         state = torch.load(self.run.state_file, weights_only=True)
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
-        for alias, p in zip(self.opt.param_groups[0]["params"], self._params, strict=True):
+        for alias, p in self._aliases:
             for key, v in self.opt.state.get(alias, {}).items():
                 if torch.is_tensor(v) and v.dim() > 0 and v.shape != alias.shape:
                     # fused Adam would read a same-size buffer of another shape silently wrong
