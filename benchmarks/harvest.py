@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 
 from saelab.activations import harvest as harvest_mod
-from saelab.activations.harvest import harvest
+from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.activations.store import StoreWriter
-from saelab.config import HarvestConfig, SAEConfig, TrainConfig
 from saelab.data.corpus import iter_documents
 from saelab.data.tokens import batches, budgeted, contexts, excluded_ids, shuffled
 from saelab.models.hooks import HookPoint, capture
 from saelab.models.load import load_model
-from saelab.train.trainer import train
+from saelab.saes.config import SAEConfig
+from saelab.train.trainer import TrainConfig, train
 
 
 def bench_harvest(args, loaded, out: Path) -> dict:

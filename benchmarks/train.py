@@ -61,9 +61,9 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 # --- one trainer per library: init(x_sample) -> (step(x), reconstruct(x)) -----------------------
 
 def make_saelab(select: str = "auto", arch: str = "topk", normalize: bool = True):
-    from saelab.config import OptimFields, SAEConfig
     from saelab.runs.rundir import RunDir
-    from saelab.train.trainer import Trainer
+    from saelab.saes.config import SAEConfig
+    from saelab.train.trainer import OptimFields, Trainer
 
     def init(sample, lr, total_steps, dead_after):
         run = RunDir(tempfile.mkdtemp())

@@ -10,6 +10,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Every stage records into the ledger; tests record into a throwaway one unless they pass their own.
+os.environ["SAELAB_LEDGER"] = os.path.join(__import__("tempfile").mkdtemp(prefix="saelab-test-ledger-"),
+                                           "ledger.sqlite")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -2,8 +2,7 @@
 
 import sys
 
-from saelab.config import TrainConfig
-from saelab.train.trainer import train
+from saelab.train.trainer import TrainConfig, train
 
 if __name__ == "__main__":
     train(TrainConfig.load(sys.argv[1]), progress=False)

@@ -1,7 +1,7 @@
 import pytest
 
-from saelab.config import AbsorptionConfig
-from saelab.evals.absorption import absorption, vocab_words
+from saelab.data.tokens import Positions
+from saelab.evals.absorption import AbsorptionConfig, absorption, vocab_words
 from saelab.models.hooks import HookPoint
 from saelab.saes import load_sae
 
@@ -19,7 +19,7 @@ def test_absorption_reports_fractions_splits_and_cis(tiny_sae_run, tiny_loaded, 
     words.write_text("\n".join(WORDS))
     sae, _ = load_sae(tiny_sae_run.checkpoint_dir)
     cfg = AbsorptionConfig(word_list=str(words), min_letter_words=2, max_k=3, bootstrap=200)
-    r = absorption(cfg, sae, tiny_loaded, HookPoint(1, "resid_post"), True, progress=False)
+    r = absorption(cfg, sae, tiny_loaded, HookPoint(1, "resid_post"), Positions(), progress=False).model_dump()
     assert r["words"] == len(set(WORDS)) and r["letters"] >= 3
     for key in ("absorption_fraction", "full_absorption_rate"):
         m = r[key]
@@ -35,14 +35,14 @@ def test_absorption_needs_words(tiny_sae_run, tiny_loaded):
     assert vocab_words(tiny_loaded.tokenizer, 100, 0) == []
     sae, _ = load_sae(tiny_sae_run.checkpoint_dir)
     with pytest.raises(ValueError, match="tokenizer vocabulary .* gave 0"):
-        absorption(AbsorptionConfig(), sae, tiny_loaded, HookPoint(1, "resid_post"), True, progress=False)
+        absorption(AbsorptionConfig(), sae, tiny_loaded, HookPoint(1, "resid_post"), Positions(), progress=False)
 
 
 @pytest.mark.embedded
 def test_first_letter_is_probed_from_single_token_words_of_the_embedded_model():
-    from saelab.config import SAEConfig
     from saelab.models.load import load_model
     from saelab.saes import build_sae
+    from saelab.saes.config import SAEConfig
 
     loaded = load_model("smollm2")
     words = vocab_words(loaded.tokenizer, 400, 0)
@@ -50,5 +50,5 @@ def test_first_letter_is_probed_from_single_token_words_of_the_embedded_model():
                                      for w in words[:50])
     sae = build_sae(SAEConfig(d_in=576, width=256, k=16)).eval()
     r = absorption(AbsorptionConfig(words=400, min_letter_words=8, bootstrap=200), sae, loaded,
-                   HookPoint(10, "resid_post"), True, progress=False)
+                   HookPoint(10, "resid_post"), Positions(), progress=False).model_dump()
     assert r["letters"] >= 10 and r["mean_probe_f1"] > 0.3, (r["letters"], r["mean_probe_f1"])

@@ -1,6 +1,8 @@
 import pytest
 
-from saelab.config import HarvestConfig, SAEConfig, TrainConfig
+from saelab.activations.harvest import HarvestConfig
+from saelab.saes.config import SAEConfig
+from saelab.train.trainer import TrainConfig
 
 
 def test_yaml_round_trip(tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelab.activations.harvest import harvest
-from saelab.config import HarvestConfig, SAEConfig, TrainConfig
-from saelab.train.trainer import train
+from saelab.activations.harvest import HarvestConfig, harvest
+from saelab.saes.config import SAEConfig
+from saelab.train.trainer import TrainConfig, train
 
 
 def _free_port() -> int:

@@ -1,12 +1,16 @@
+import json
+
 import pytest
 import torch
 
-from saelab.activations.harvest import harvest
-from saelab.config import EvalConfig, HarvestConfig, SAEConfig, TrainConfig
-from saelab.evals.core import _validation_batches, ce_metrics, evaluate
+from saelab.activations.harvest import HarvestConfig, harvest
+from saelab.data.tokens import Positions
+from saelab.evals.core import ce_metrics, validation_batches
+from saelab.experiments.evaluate import EvalConfig, evaluate
 from saelab.models.hooks import HookPoint
 from saelab.saes import load_sae
-from saelab.train.trainer import train
+from saelab.saes.config import SAEConfig
+from saelab.train.trainer import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +31,13 @@ def _eval(trained, tiny_model_dir, text_jsonl, **kw):
 
 def test_core_eval_metrics(trained, tiny_model_dir, tiny_loaded, text_jsonl):
     r = evaluate(_eval(trained, tiny_model_dir, text_jsonl), loaded=tiny_loaded, progress=False)
-    assert r["eval_tokens"] == 2000 and r["ce_tokens"] >= 1000
-    assert 0.5 < r["explained_variance"] < 1 and r["fvu"] == pytest.approx(1 - r["explained_variance"])
-    assert r["l0"] == pytest.approx(8.0)
-    assert 0 <= r["dead_fraction"] < 1
-    assert r["kl_to_clean"] > 0 and r["ce_sae"] != r["ce_clean"]
-    assert "variance around the mean" in r["definitions"]["explained_variance"]
-    assert trained.summary()["eval"]["ce_loss_recovered"] == r["ce_loss_recovered"]
+    assert r.eval_tokens == 2000 and r.ce_tokens >= 1000
+    assert 0.5 < r.explained_variance < 1 and r.fvu == pytest.approx(1 - r.explained_variance)
+    assert r.l0 == pytest.approx(8.0)
+    assert 0 <= r.dead_fraction < 1
+    assert r.kl_to_clean > 0 and r.ce_sae != r.ce_clean
+    assert "variance around the mean" in r.definitions["explained_variance"]
+    assert json.loads((trained.path / "eval.json").read_text())["ce_loss_recovered"] == r.ce_loss_recovered
 
 
 def test_ce_splice_endpoints(trained, tiny_model_dir, tiny_loaded, text_jsonl):
@@ -42,10 +46,10 @@ def test_ce_splice_endpoints(trained, tiny_model_dir, tiny_loaded, text_jsonl):
     cfg = _eval(trained, tiny_model_dir, text_jsonl)
     hp = HookPoint(1, "resid_post")
     sae.reconstruct = lambda x: x.clone()
-    r = ce_metrics(sae, tiny_loaded, hp, _validation_batches(cfg, tiny_loaded, True), 500, False)
+    r = ce_metrics(sae, tiny_loaded, hp, validation_batches(cfg, tiny_loaded, Positions()), 500, False)
     assert r["ce_sae"] == r["ce_clean"] and r["kl_to_clean"] == 0 and r["ce_loss_recovered"] == 1
     sae.reconstruct = torch.zeros_like
-    r = ce_metrics(sae, tiny_loaded, hp, _validation_batches(cfg, tiny_loaded, True), 500, False)
+    r = ce_metrics(sae, tiny_loaded, hp, validation_batches(cfg, tiny_loaded, Positions()), 500, False)
     assert r["ce_sae"] == r["ce_zero"] and r["ce_loss_recovered"] == 0
 
 
@@ -69,3 +73,54 @@ def test_eval_refuses_a_model_of_another_width(trained, text_jsonl, tmp_path):
     with pytest.raises(ValueError, match=r"SAE d_in 32 .* width 48"):
         evaluate(EvalConfig(run=str(trained.path), text=str(text_jsonl), model=str(other)),
                  loaded=load_model(str(other)), progress=False)
+
+
+def test_evals_read_the_positions_the_sae_was_trained_on(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path):
+    """A store harvested with exclude_tokens: the SAE records its positions, and the core eval (and
+    probing, via the same helper) never reconstructs a token the SAE never trained on."""
+    from saelab.experiments.evaluate import coder_positions
+
+    store = harvest(HarvestConfig(model=str(tiny_model_dir), hook="resid_post.1", text=str(text_jsonl), tokens=4000,
+                                  ctx_len=64, batch_size=8, exclude_tokens=["e", "Ġ"], out=str(tmp_path / "s")),
+                    loaded=tiny_loaded, progress=False)
+    assert store.manifest["excluded"]["listed"] > 0
+    run = train(TrainConfig(store=str(store.path), runs_dir=str(tmp_path / "runs"), name="ex",
+                            sae=SAEConfig(width=64, k=4), tokens=4096, batch_size=256), progress=False)
+    _, meta = load_sae(run.checkpoint_dir)
+    assert meta["positions"]["exclude_tokens"] == ["e", "Ġ"] and coder_positions(meta).exclude_tokens == ("e", "Ġ")
+    r = evaluate(EvalConfig(run=str(run.path), text=str(text_jsonl), model=str(tiny_model_dir), tokens=1500,
+                            ce_tokens=300, ctx_len=64, batch_size=8), loaded=tiny_loaded, progress=False)
+    excluded = r.positions["excluded_in_reconstruction"]
+    assert r.positions["exclude_tokens"] == ["e", "Ġ"] and excluded["listed"] > 0 and r.eval_tokens == 1500
+    # the same budget with the default positions reads other rows, so the metrics differ
+    meta.pop("positions")
+    assert coder_positions({**meta, "store": None}).exclude_tokens == ()
+
+
+def test_ce_counts_predictions_made_at_kept_positions_only(trained, tiny_model_dir, tiny_loaded, text_jsonl):
+    """The prediction made at BOS is not scored; SAELens' all-positions zero ablation is reported beside."""
+    from saelab.data.tokens import keep_mask
+    from saelab.evals.core import scored_positions
+
+    cfg = _eval(trained, tiny_model_dir, text_jsonl)
+    batch = next(iter(validation_batches(cfg, tiny_loaded, Positions())))
+    keep, _ = keep_mask(batch, tiny_loaded.tokenizer, Positions())
+    score = scored_positions(batch, keep)
+    assert not score[:, 0].any()  # position 0 is BOS
+    assert int(score.sum()) == int(batch.attention_mask[:, 2:].sum())  # every real target after the first
+    r = evaluate(cfg, loaded=tiny_loaded, progress=False)
+    assert r.ce_zero_all_positions != r.ce_zero  # BOS zeroed too: another number (a random tiny model)
+    assert r.ce_loss_recovered_all_positions_zeroed == pytest.approx(
+        (r.ce_zero_all_positions - r.ce_sae) / (r.ce_zero_all_positions - r.ce_clean))
+    assert "SAELens" in r.definitions["ce_loss_recovered_all_positions_zeroed"]
+
+
+def test_an_older_eval_json_without_a_new_field_is_reused(trained, tiny_model_dir, tiny_loaded, text_jsonl):
+    from tiny import drop_fields
+
+    cfg = _eval(trained, tiny_model_dir, text_jsonl, seed=5)
+    evaluate(cfg, loaded=tiny_loaded, progress=False)
+    drop_fields(trained.path / "eval.json", ["similar_pairs", "device", "ledger"])
+    stamp = (trained.path / "eval.json").stat().st_mtime_ns
+    evaluate(cfg, loaded=tiny_loaded, progress=False)
+    assert (trained.path / "eval.json").stat().st_mtime_ns == stamp

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from saelab.cli import app
-from saelab.config import SAEConfig
 from saelab.saes import ARCHITECTURES, build_sae
+from saelab.saes.config import SAEConfig
 from saelab.saes.formats import FORMATS, convert, describe, detect, load, save
 from saelab.saes.formats.base import weights
 from saelab.saes.formats.verify import compare_codes, row_jaccard

@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from saelab.activations import harvest as harvest_mod
-from saelab.activations.harvest import harvest
+from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.activations.store import StoreError
-from saelab.config import HarvestConfig
 from saelab.models.hooks import HookPoint, capture
 
 
@@ -37,7 +36,9 @@ def test_harvest_rows_match_a_direct_forward(tiny_model_dir, tiny_loaded, text_j
 def test_killed_harvest_resumes_to_the_same_store(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path, monkeypatch):
     whole = harvest(_cfg(tiny_model_dir, text_jsonl, tmp_path / "a"), loaded=tiny_loaded, progress=False)
     calls = {"n": 0}
-    real = harvest_mod.capture
+    from saelab.activations import rows as rows_mod
+
+    real = rows_mod.capture  # every forward of a harvest goes through it
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -45,13 +46,13 @@ def test_killed_harvest_resumes_to_the_same_store(tiny_model_dir, tiny_loaded, t
             raise KeyboardInterrupt("kill")
         return real(*a, **k)
 
-    monkeypatch.setattr(harvest_mod, "capture", dying)
+    monkeypatch.setattr(rows_mod, "capture", dying)
     with pytest.raises(KeyboardInterrupt):
         harvest(_cfg(tiny_model_dir, text_jsonl, tmp_path / "b"), loaded=tiny_loaded, progress=False)
     with pytest.raises(StoreError, match="incomplete"):
         harvest_mod.ActivationStore(tmp_path / "b")
     assert not list((tmp_path / "b").glob("*.tmp")) and not list((tmp_path / "b").glob(".*"))
-    monkeypatch.setattr(harvest_mod, "capture", real)
+    monkeypatch.setattr(rows_mod, "capture", real)
     resumed = harvest(_cfg(tiny_model_dir, text_jsonl, tmp_path / "b"), loaded=tiny_loaded, progress=False)
     assert resumed.n_tokens == whole.n_tokens
     for key in ("acts", "tokens", "doc", "pos"):
@@ -204,3 +205,38 @@ def test_harvest_an_encoder(text_jsonl, tmp_path):
     ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(text, add_special_tokens=False)["input_ids"][:63]
     hs = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
     assert torch.allclose(row["acts"][0], hs[3][0, 1], atol=1e-5)  # bidirectional: the whole context counts
+
+
+def test_an_older_store_without_a_new_field_is_reused(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path):
+    import json
+
+    store = harvest(_cfg(tiny_model_dir, text_jsonl, tmp_path / "s"), loaded=tiny_loaded, progress=False)
+    m = json.loads((store.path / "manifest.json").read_text())
+    for f in ("long_docs", "device", "notes"):  # fields with defaults an older saelab did not have
+        m["config"].pop(f, None)
+    (store.path / "manifest.json").write_text(json.dumps(m))
+    stamp = (store.path / "shard_00000.safetensors").stat().st_mtime_ns
+    again = harvest(_cfg(tiny_model_dir, text_jsonl, tmp_path / "s"), loaded=tiny_loaded, progress=False)
+    assert again.n_tokens == store.n_tokens and (store.path / "shard_00000.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(StoreError, match="another config"):
+        harvest(_cfg(tiny_model_dir, text_jsonl, tmp_path / "s", long_docs="truncate"), loaded=tiny_loaded,
+                progress=False)
+
+
+def test_kept_rows_drop_exactly_the_excluded_positions(tiny_loaded):
+    from saelab.activations.rows import kept_rows
+    from saelab.data.tokens import Context, Positions, batches
+
+    tok = tiny_loaded.tokenizer
+    e = tok.convert_tokens_to_ids("e")
+    ids = [tok.bos_token_id] + tok("the tree sees three bees", add_special_tokens=False)["input_ids"]
+    (batch,) = batches([Context(ids, 0, 0), Context(ids[:7], 1, 0)], 2, tok.pad_token_id)
+    hp = HookPoint(1, "resid_post")
+    full = kept_rows(tiny_loaded.model, [hp], batch, tok, Positions())
+    listed = kept_rows(tiny_loaded.model, [hp], batch, tok, Positions(exclude_tokens=("e",)))
+    kept_tokens = batch.input_ids[listed.ctx, listed.pos].tolist()
+    assert e in ids and e not in kept_tokens and tok.bos_token_id not in kept_tokens
+    assert listed.counts["listed"] == sum(t == e for t in ids) + sum(t == e for t in ids[:7])
+    assert full.ctx.numel() - listed.ctx.numel() == listed.counts["listed"]
+    assert torch.equal(listed.rows(hp), full.full[hp][listed.ctx, listed.pos])
+    assert full.counts["pad"] == len(ids) - 7

@@ -176,3 +176,51 @@ def test_embedded_model_semantics():
     clean = run_with_patch(model, HookPoint(L, "resid_post"), None, ids, mask)
     for kind in ("resid_mid", "mlp_in"):
         assert torch.equal(clean, run_with_patch(model, HookPoint(L, kind), lambda x: x.clone(), ids, mask))
+
+
+def test_public_patch_api_runs_with_gradients(tiny_loaded):
+    """add / replace / record / capture(grad=True): differentiable, and exact where they should be."""
+    from saelab.models.hooks import add, forward, record, replace
+
+    model = tiny_loaded.model
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    hp = HookPoint(1, "resid_post")
+    clean = forward(model, ids)
+    with replace(model, hp, lambda x: x):
+        assert torch.equal(forward(model, ids), clean)
+    v = torch.zeros(32, requires_grad=True)
+    with torch.enable_grad(), add(model, "resid_post.1", v):
+        out = forward(model, ids)
+        assert torch.equal(out.detach(), clean)  # adding zero changes nothing
+        out[0, -1, 7].backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    # the gradient is the derivative: a small step along it moves the logit as predicted
+    step = 1e-3 * v.grad / v.grad.norm()
+    with add(model, hp, step):
+        moved = forward(model, ids)[0, -1, 7]
+    assert torch.isclose(moved - clean[0, -1, 7], (step * v.grad).sum(), rtol=0.05)
+    # add only where a mask says
+    mask = torch.zeros(1, 6, dtype=torch.bool)
+    mask[0, 3] = True
+    with add(model, hp, torch.ones(32), mask), record(model, [hp]) as acts:  # hooks run in the order entered
+        forward(model, ids)
+    base = capture(model, [hp], ids)[hp]
+    assert torch.allclose(acts[hp][0, 3], base[0, 3] + 1) and torch.equal(acts[hp][0, :3], base[0, :3])
+    # recorded activations are graph nodes: d logit / d activation by backprop (frozen weights and
+    # integer ids leave nothing to differentiate, so a zero vector that requires grad enters first)
+    v0 = torch.zeros(32, requires_grad=True)
+    with torch.enable_grad(), add(model, "resid_pre.0", v0), record(model, [hp]) as acts:
+        out = forward(model, ids)
+        acts[hp].retain_grad()
+        out[0, -1, 7].backward()
+    assert acts[hp].grad.shape == (1, 6, 32) and acts[hp].grad[0, -1].abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    g = capture(model, [HookPoint(0, "resid_post")], ids, grad=True)[HookPoint(0, "resid_post")]
+    assert g.requires_grad is False  # model weights are frozen and ids are not differentiable...
+    emb = model.get_input_embeddings()
+    emb.weight.requires_grad_(True)
+    try:
+        g = capture(model, [HookPoint(0, "resid_post")], ids, grad=True)[HookPoint(0, "resid_post")]
+        assert g.requires_grad and g.grad_fn is not None
+    finally:
+        emb.weight.requires_grad_(False)

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.config import ProbingConfig
 from saelab.data.tasks import TaskData
-from saelab.data.tokens import Context, batches, keep_mask
+from saelab.data.tokens import Context, Positions, batches, keep_mask
 from saelab.evals.probing import (
+    ProbingConfig,
     one_vs_rest,
     pooled_features,
     probe_correct,
@@ -48,15 +48,15 @@ def test_one_vs_rest_is_balanced_and_probes_share_units():
 def test_pooled_features_average_kept_tokens_only(tiny_loaded):
     hp = HookPoint(1, "resid_post")
     texts = ["hello there", "a much longer piece of text here"]
-    x, z = pooled_features(texts, tiny_loaded, hp, None, 64, 2, prepend_bos=True)
+    x, z = pooled_features(texts, tiny_loaded, hp, None, 64, 2, Positions())
     assert z is None and x.shape == (2, 32)
     tok = tiny_loaded.tokenizer
     ids = [tok.bos_token_id] + tok(texts[0], add_special_tokens=False)["input_ids"]
     batch = next(batches([Context(ids, 0, 0)], 1, tok.pad_token_id))
     acts = capture(tiny_loaded.model, [hp], batch.input_ids, batch.attention_mask)[hp]
-    keep, _ = keep_mask(batch, tok, True)
+    keep, _ = keep_mask(batch, tok, Positions())
     torch.testing.assert_close(x[0], acts[keep].mean(0), rtol=1e-4, atol=1e-5)  # BOS excluded, padding too
-    last, _ = pooled_features(texts, tiny_loaded, hp, None, 64, 2, prepend_bos=True, pool="last")
+    last, _ = pooled_features(texts, tiny_loaded, hp, None, 64, 2, Positions(), pool="last")
     torch.testing.assert_close(last[0], acts[0, -1], rtol=1e-4, atol=1e-5)
 
 
@@ -65,7 +65,7 @@ def test_sparse_probing_on_a_real_task(tiny_sae_run, tiny_loaded):
     """Code vs prose from the stdlib through the tiny model: residual and SAE probes, paired CIs."""
     sae, _ = load_sae(tiny_sae_run.checkpoint_dir)
     cfg = ProbingConfig(tasks=["code_vs_prose"], ks=[1, 5], max_per_class=60, bootstrap=200)
-    r = sparse_probing(cfg, sae, tiny_loaded, HookPoint(1, "resid_post"), True, progress=False)
+    r = sparse_probing(cfg, sae, tiny_loaded, HookPoint(1, "resid_post"), Positions(), progress=False).model_dump()
     t = r["tasks"]["code_vs_prose"]
     assert set(t["accuracy"]) == {"sae_k1", "sae_k5", "sae_all", "resid_k1", "resid_k5", "resid_full"}
     assert t["accuracy"]["resid_full"] >= 0.75  # code and prose differ even to a random tiny model
@@ -78,20 +78,20 @@ def test_sparse_probing_on_a_real_task(tiny_sae_run, tiny_loaded):
 def test_unknown_task_and_missing_sources_are_explained(tiny_sae_run, tiny_loaded):
     sae, _ = load_sae(tiny_sae_run.checkpoint_dir)
     with pytest.raises(ValueError, match="unknown probing task 'nope'.*sentiment"):
-        sparse_probing(ProbingConfig(tasks=["nope"]), sae, tiny_loaded, HookPoint(1, "resid_post"), True, False)
+        sparse_probing(ProbingConfig(tasks=["nope"]), sae, tiny_loaded, HookPoint(1, "resid_post"), Positions(), False)
 
 
 @pytest.mark.embedded
 def test_word_sentiment_is_linearly_readable_from_the_embedded_model():
     """The residual stream of SmolLM2 at resid_post.10 separates positive from negative words
     (lemma-split test set) well above chance; an untrained SAE stands in for the interface."""
-    from saelab.config import SAEConfig
     from saelab.models.load import load_model
     from saelab.saes import build_sae
+    from saelab.saes.config import SAEConfig
 
     loaded = load_model("smollm2")
     sae = build_sae(SAEConfig(d_in=576, width=256, k=16))
     cfg = ProbingConfig(tasks=["sentiment"], ks=[5], max_per_class=300, bootstrap=300)
-    r = sparse_probing(cfg, sae.eval(), loaded, HookPoint(10, "resid_post"), True, progress=False)
+    r = sparse_probing(cfg, sae.eval(), loaded, HookPoint(10, "resid_post"), Positions(), progress=False).model_dump()
     full = r["tasks"]["sentiment"]["comparisons"]["all"]
     assert full["b_ci95"][0] > 0.55, full  # residual, full width: above chance (0.5)

@@ -12,11 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from saelab.cli import app
-from saelab.config import EvalConfig, SAEConfig
-from saelab.evals.core import _validation_batches, ce_metrics, reconstruction_metrics
+from saelab.data.tokens import Positions
+from saelab.evals.core import ce_metrics, reconstruction_metrics, validation_batches
+from saelab.experiments.evaluate import EvalConfig
 from saelab.models.hooks import HookPoint
 from saelab.models.load import load_model
 from saelab.saes import build_sae
+from saelab.saes.config import SAEConfig
 
 pytestmark = pytest.mark.embedded
 
@@ -28,22 +30,51 @@ FLOOR_CE_RECOVERED = 0.85  # measured 0.939 (0.925)
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("qs")
-    result = CliRunner().invoke(app, ["quickstart", "--runs-dir", str(runs), *SMALL])
-    assert result.exit_code == 0, result.output
-    (run_dir,) = [p for p in runs.iterdir() if p.name.startswith("quickstart-")]
-    return result.output, run_dir
+    """The quickstart as a user runs it: in a project folder, default runs/ and ledger."""
+    project = tmp_path_factory.mktemp("qs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        mp.delenv("SAELAB_LEDGER", raising=False)
+        result = CliRunner().invoke(app, ["quickstart", *SMALL])
+        assert result.exit_code == 0, result.output
+        (run_dir,) = [p for p in (project / "runs").iterdir() if p.name.startswith("quickstart-")]
+        yield result.output, run_dir.resolve()
+
+
+def test_the_quickstart_leaves_ledger_rows_a_user_can_list_export_and_rebuild(quick):
+    output, run_dir = quick
+    project = run_dir.parent.parent
+    ledger = project / "runs" / "ledger.sqlite"
+    assert ledger.is_file() and "ledger: quickstart-0001 (novel)" in output
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        mp.delenv("SAELAB_LEDGER", raising=False)
+        listed = CliRunner().invoke(app, ["ledger", "list"])
+        md = CliRunner().invoke(app, ["ledger", "export", "--format", "markdown"])
+        rebuilt = CliRunner().invoke(app, ["ledger", "rebuild", "runs", "--out", "rebuilt.sqlite"])
+        checked = CliRunner().invoke(app, ["ledger", "check"])
+    assert listed.exit_code == md.exit_code == rebuilt.exit_code == checked.exit_code == 0, checked.output
+    kinds = [line.split()[2] for line in listed.output.splitlines()]
+    assert kinds == ["harvest/store", "train/sae", "eval/core", "quickstart/pipeline"], listed.output
+    rows = [line for line in md.output.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 4 and all("novel" in r for r in rows) and "SmolLM2" not in rows[0].split("|")[4]
+    assert "explained_variance" in rows[3] and "resid_post.10" in rows[1]
+    assert "4 rows replayed, 0 backfilled" in rebuilt.output
+    from saelab.runs.ledger import Ledger
+
+    def facts(path):
+        return [{k: v for k, v in r.items() if k != "seq"} for r in Ledger(path).rows()]
+    assert facts(project / "rebuilt.sqlite") == facts(ledger)
 
 
 def test_quickstart_meets_the_floors(quick):
     output, run_dir = quick
-    s = json.loads((run_dir / "summary.json").read_text())
-    e = s["eval"]
+    e = json.loads((run_dir / "quickstart.json").read_text())["eval"]
     assert e["explained_variance"] >= FLOOR_EV, e
     assert e["ce_loss_recovered"] >= FLOOR_CE_RECOVERED, e
     assert e["l0"] == pytest.approx(32) and e["ce_clean"] < e["ce_sae"] < e["ce_zero"]
     assert e["dead_fraction"] < 0.05
-    assert "explained variance" in output and str(run_dir) in output
+    assert "explained variance" in output and f"runs/{run_dir.name}" in output
     for f in ("config.yaml", "metrics.jsonl", "summary.json", "manifest.json", "eval.json",
               "checkpoint/sae.safetensors", "checkpoint/cfg.json"):
         assert (run_dir / f).is_file(), f
@@ -51,8 +82,12 @@ def test_quickstart_meets_the_floors(quick):
 
 def test_rerun_reuses_every_stage(quick):
     output, run_dir = quick
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "summary.json"}
-    result = CliRunner().invoke(app, ["quickstart", "--runs-dir", str(run_dir.parent), *SMALL])
+    before = {p: p.stat().st_mtime_ns for p in run_dir.parent.rglob("*") if p.is_file() and p.suffix != ".sqlite"
+              and ".sqlite-" not in p.name}  # every run and store file (the ledger file is opened, so touched)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(run_dir.parent.parent)
+        mp.delenv("SAELAB_LEDGER", raising=False)
+        result = CliRunner().invoke(app, ["quickstart", *SMALL])
     assert result.exit_code == 0, result.output
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after
@@ -67,8 +102,8 @@ def test_untrained_sae_fails_the_floors(quick):
         sae.b_dec.copy_(_store_mean(Path(store)))
     cfg = EvalConfig(run=str(run_dir), tokens=4096, ce_tokens=2048)
     hp = HookPoint(10, "resid_post")
-    r = reconstruction_metrics(sae, lm, hp, _validation_batches(cfg, lm, True), 4096, False)
-    ce = ce_metrics(sae, lm, hp, _validation_batches(cfg, lm, True), 2048, False)
+    r = reconstruction_metrics(sae, lm, hp, validation_batches(cfg, lm, Positions()), 4096, False)
+    ce = ce_metrics(sae, lm, hp, validation_batches(cfg, lm, Positions()), 2048, False)
     assert r["explained_variance"] < FLOOR_EV and ce["ce_loss_recovered"] < FLOOR_CE_RECOVERED
 
 

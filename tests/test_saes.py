@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from saelab.config import ARCHITECTURE_NAMES, SAEConfig
 from saelab.saes import ARCHITECTURES, build_sae, load_sae
 from saelab.saes.base import LossContext, geometric_median
+from saelab.saes.config import ARCHITECTURE_NAMES, SAEConfig
 from saelab.saes.matryoshka import group_bounds
 from saelab.saes.panneal import p_at
 from saelab.saes.sparse_ops import (
@@ -178,10 +178,10 @@ def test_auxk_uses_only_dead_latents_and_matches_the_dense_definition(arch, n_de
         vals, idx = pre.topk(min(6, n_dead), dim=-1)
         e_hat = torch.zeros(256, 64).scatter(-1, idx, vals) @ sae.W_dec
         ref = (e_hat - (x - out.y_hat)).pow(2).sum() / ctx_for(x).total_variance * min(n_dead / 6, 1.0)
-    assert torch.allclose(out.aux_loss, ref, rtol=1e-5)
+    assert torch.allclose(out.terms["auxk"], ref, rtol=1e-5)
     assert sae.W_enc.grad[:, dead].abs().sum() > 0  # the aux gradient reaches the dead encoders
     alive = sae(x, x, ctx_for(x, dead_mask=torch.zeros(64, dtype=torch.bool)))
-    assert alive.aux_loss == 0
+    assert alive.terms["auxk"] == 0
 
 
 def test_batch_topk_kernel_matches_dense_autograd():

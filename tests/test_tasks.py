@@ -3,9 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from saelab.config import TaskSpec
 from saelab.data.fetch import asset_ready
-from saelab.data.tasks import BUILTINS, builtin_spec, builtin_task_file, lemma, load_task
+from saelab.data.tasks import BUILTINS, TaskSpec, builtin_spec, builtin_task_file, lemma, load_task
 
 
 def _write(path, rows):

@@ -1,12 +1,13 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import drop_fields
 
-from saelab.activations.harvest import harvest
-from saelab.config import HarvestConfig, SAEConfig, TrainConfig
+from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.runs.rundir import RunExistsError
+from saelab.saes.config import SAEConfig
 from saelab.train import trainer as trainer_mod
-from saelab.train.trainer import NonFiniteLossError, contiguous_alias, lr_factor, train
+from saelab.train.trainer import NonFiniteLossError, TrainConfig, contiguous_alias, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +125,8 @@ def test_fused_adam_on_a_contiguous_alias_updates_the_transposed_parameter():
 def test_resume_reads_optimizer_state_saved_in_the_parameter_layout(tmp_path):
     """States saved before the alias existed are [d_in, width]; same numel, so fused Adam would
     silently misread them: they are transposed on load, and other shapes are refused."""
-    from saelab.config import OptimFields
     from saelab.runs.rundir import RunDir
-    from saelab.train.trainer import Trainer
+    from saelab.train.trainer import OptimFields, Trainer
 
     torch.manual_seed(0)
     x = torch.randn(512, 16)
@@ -217,7 +217,7 @@ def test_normalisation_is_folded_and_validation_logged(store, tmp_path):
 
 
 def _fly_cfg(tiny_model_dir, text_jsonl, tmp_path, **kw):
-    from saelab.config import FlySAE, FlyTrainConfig
+    from saelab.train.fly import FlySAE, FlyTrainConfig
 
     base = dict(model=str(tiny_model_dir), text=str(text_jsonl), ctx_len=64, model_batch_size=8,
                 buffer_tokens=1024, tokens=256 * 40, batch_size=256, lr=3e-3, runs_dir=str(tmp_path / "fly"),
@@ -229,16 +229,17 @@ def _fly_cfg(tiny_model_dir, text_jsonl, tmp_path, **kw):
 
 
 def test_on_the_fly_trains_several_saes_from_one_pass(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path, monkeypatch):
+    from saelab.activations import rows
     from saelab.train import fly
 
     calls = {"n": 0}
-    real = fly.capture
+    real = rows.capture
 
     def counting(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(fly, "capture", counting)
+    monkeypatch.setattr(rows, "capture", counting)
     runs = fly.train_on_the_fly(_fly_cfg(tiny_model_dir, text_jsonl, tmp_path), loaded=tiny_loaded, progress=False)
     assert [r.path.name for r in runs] == ["sae", "tc"] and all(r.complete for r in runs)
     for r in runs:
@@ -332,3 +333,71 @@ def test_wandb_missing_is_a_clear_error(store, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ValueError, match="pip install wandb"):
         train(_cfg(store, tmp_path, name="nowb", tokens=256 * 5, wandb=True), progress=False)
+
+
+def _interrupt_at_step(cfg, n: int) -> None:
+    """Train until step n, then stop as a kill would (the last checkpoint stays on disk)."""
+    real, calls = trainer_mod.Trainer.step, {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    trainer_mod.Trainer.step = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    finally:
+        trainer_mod.Trainer.step = real
+
+
+def test_a_field_added_with_a_default_does_not_lock_out_an_old_run(store, tmp_path):
+    """An older config.yaml lacks fields added since (here: device, ledger, notes, val_every,
+    sae.encoder_init_norm): the same run is reused, an interrupted one resumes; a real change is refused."""
+    done = train(_cfg(store, tmp_path), progress=False)
+    drop_fields(done.config_file, ["device", "ledger", "ledger_id", "notes", "val_every", "sae.encoder_init_norm"])
+    stamp = done.summary_file.stat().st_mtime_ns
+    assert train(_cfg(store, tmp_path), progress=False).summary_file.stat().st_mtime_ns == stamp
+    with pytest.raises(RunExistsError):
+        train(_cfg(store, tmp_path, lr=1e-3), progress=False)
+    # an interrupted run of an older version resumes
+    cfg = _cfg(store, tmp_path, name="killed", checkpoint_every=10)
+    _interrupt_at_step(cfg, 25)
+    run_dir = tmp_path / "runs" / "killed"
+    drop_fields(run_dir / "config.yaml", ["device", "notes"])
+    assert train(cfg, progress=False, resume=True).complete
+
+
+def test_train_state_is_saved_device_independent(store, tmp_path):
+    """Every tensor of the resumable state is on the CPU, so a run resumes on another device."""
+    cfg = _cfg(store, tmp_path, name="state", checkpoint_every=10, device="cpu")
+    _interrupt_at_step(cfg, 15)
+    state = torch.load(tmp_path / "runs" / "state" / "train_state.pt", weights_only=True)
+
+    def devices(obj):
+        if torch.is_tensor(obj):
+            yield obj.device.type
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from devices(v)
+        elif isinstance(obj, list | tuple):
+            for v in obj:
+                yield from devices(v)
+
+    assert set(devices(state)) == {"cpu"}
+    run = train(cfg.model_copy(update={"device": "auto"}), progress=False, resume=True)  # reused across devices
+    assert run.complete and run.summary()["device"] == "cpu"
+
+
+def test_named_loss_terms_are_logged_per_architecture(store, tmp_path):
+    expect = {"topk": {"loss_fvu", "loss_auxk"}, "relu": {"loss_mse", "loss_l1"}, "jumprelu": {"loss_mse", "loss_l0"},
+              "gated": {"loss_mse", "loss_l1", "loss_aux_gate"}, "panneal": {"loss_mse", "loss_lp"},
+              "matryoshka": {"loss_fvu_prefix_mean", "loss_auxk"}}
+    for arch, terms in expect.items():
+        run = train(_cfg(store, tmp_path, name=f"terms-{arch}", tokens=2560,
+                         sae=SAEConfig(architecture=arch, width=128, k=8)), progress=False)
+        row = run.metrics()[-1]
+        assert terms <= set(row) and "aux_loss" not in row, (arch, row)
+        assert set(run.summary()["train_loss_terms_last"]) == {t.removeprefix("loss_") for t in terms}

@@ -39,11 +39,30 @@ def save_tiny(path: Path, model_type: str = "llama", seed: int = 0) -> Path:
 
 def train_tiny_sae(root: Path, model_dir: Path, loaded, text: Path, hook: str = "resid_post.1"):
     """A small TopK SAE trained on the tiny model (harvest 8k tokens, train 60k): a RunDir."""
-    from saelab.activations.harvest import harvest
-    from saelab.config import HarvestConfig, SAEConfig, TrainConfig
-    from saelab.train.trainer import train
+    from saelab.activations.harvest import HarvestConfig, harvest
+    from saelab.saes.config import SAEConfig
+    from saelab.train.trainer import TrainConfig, train
 
     store = harvest(HarvestConfig(model=str(model_dir), hook=hook, text=str(text), tokens=8000, ctx_len=64,
                                   batch_size=8, out=str(root / "s")), loaded=loaded, progress=False)
     return train(TrainConfig(store=str(store.path), runs_dir=str(root / "runs"), name="r",
                              sae=SAEConfig(width=128, k=8), tokens=60_000, batch_size=256, lr=3e-3), progress=False)
+
+
+def drop_fields(path, fields):
+    """Rewrite a stored YAML/JSON config without some fields: what an older saelab wrote before
+    those fields (with their defaults) existed."""
+    import json
+
+    import yaml
+
+    text = path.read_text()
+    data = yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
+    node = data if path.suffix == ".yaml" else data["config"]
+    for f in fields:
+        *parents, leaf = f.split(".")
+        n = node
+        for p in parents:
+            n = n[p]
+        del n[leaf]
+    path.write_text(yaml.safe_dump(data) if path.suffix == ".yaml" else json.dumps(data))

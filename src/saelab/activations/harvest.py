@@ -21,18 +21,61 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
+from saelab.activations.rows import kept_rows
 from saelab.activations.store import EXCLUDED, INDEX, ActivationStore, StoreError, StoreWriter
-from saelab.config import HarvestConfig
+from saelab.config import StageConfig
 from saelab.data.corpus import iter_documents
-from saelab.data.tokens import batches, budgeted, contexts, excluded_ids, keep_mask, shuffled
+from saelab.data.tokens import Positions, batches, budgeted, contexts, excluded_ids, shuffled
+from saelab.device import describe, resolve_device
 from saelab.io import read_json
-from saelab.models.hooks import HookPoint, capture, resolve
+from saelab.models.hooks import HookPoint, resolve
 from saelab.models.load import LoadedModel, load_model
+from saelab.runs.ledger import check_ledger, record
+from saelab.runs.results import HarvestResult
+
+
+class HarvestConfig(StageConfig):
+    """Model + hook point + text -> an activation store on disk."""
+
+    model: str = Field("smollm2", description="'smollm2' (embedded), local dir or .gguf, or hub id")
+    hook: str | list[str] = Field("resid_post.10", description="hook point KIND.LAYER, or a list captured in "
+                                  "one pass: one store each under out/<hook>/, all with the same rows")
+    text: str = Field("embedded", description="'embedded' corpus, a .txt/.jsonl/.parquet/.csv/.npy file, "
+                      "a folder of .txt, or hf:NAME[:CONFIG]")
+    text_field: str = Field("text", description="column holding the text (or token-id lists) in jsonl/parquet/csv")
+    split: Literal["train", "validation"] = "train"
+    out: str = Field("", description="store directory (default: stores/<model>-<hook>-<split>-<hash>)")
+    tokens: int = Field(200_000, gt=0, description="activation rows to collect (after exclusions)")
+    ctx_len: int = Field(128, ge=2)
+    batch_size: int = Field(16, gt=0, description="contexts per forward pass")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
+    store_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    prepend_bos: bool = Field(True, description="start every context with the BOS token (then excluded)")
+    exclude_special: bool = Field(True, description="drop BOS, padding and other special tokens")
+    exclude_tokens: list[str | int] = Field([], description="more tokens to drop (as the tokenizer spells "
+                                            "them, or ids); counted as 'listed' in the manifest")
+    long_docs: Literal["chunk", "truncate"] = Field("chunk", description="a document longer than ctx_len: "
+                                                    "chunk it into contexts, or keep its first context only")
+    shard_tokens: int = Field(32_768, gt=0)
+    seed: int = 0
+
+    @property
+    def hooks(self) -> list[str]:
+        return [self.hook] if isinstance(self.hook, str) else list(self.hook)
+
+    def store_name(self) -> str:
+        model = Path(self.model).name or self.model
+        return f"{model}-{'+'.join(self.hooks)}-{self.split}-{self.hash(exclude={'out'})[:8]}"
+
+    @property
+    def positions(self) -> Positions:
+        return Positions(self.prepend_bos, self.exclude_special, tuple(self.exclude_tokens))
 
 
 def store_dirs(cfg: HarvestConfig) -> dict[str, Path]:
@@ -51,7 +94,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None,
     """Run (or resume, or reuse) a harvest. Returns the store, or {hook: store} for a hook list."""
     dirs = store_dirs(cfg)
     config_hash = cfg.hash(exclude={"out"})
-    stores = _complete(dirs, config_hash)
+    check_ledger(cfg)
+    stores = _complete(dirs, cfg)
     if stores is None:
         rank, world, own_group = _distributed()
         try:
@@ -68,12 +112,16 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None,
         finally:
             if own_group:
                 torch.distributed.destroy_process_group()
-        stores = _complete(dirs, config_hash)
+        stores = _complete(dirs, cfg)
         assert stores is not None, "harvest finished but its stores are not complete"
+    for h, store in stores.items():  # one ledger row per store (rank 0 only)
+        row_id = cfg.ledger_id and (cfg.ledger_id if isinstance(cfg.hook, str) else f"{cfg.ledger_id}-{h}")
+        record(HarvestResult.read(store.path / "manifest.json"), store.path, cfg, ledger_id=row_id or "",
+               config_hash=config_hash)
     return stores[str(HookPoint.parse(cfg.hook))] if isinstance(cfg.hook, str) else stores
 
 
-def _complete(dirs: dict[str, Path], config_hash: str) -> dict[str, ActivationStore] | None:
+def _complete(dirs: dict[str, Path], cfg: HarvestConfig) -> dict[str, ActivationStore] | None:
     """The stores if all are complete and made with this config, else None."""
     out = {}
     for h, d in dirs.items():
@@ -81,12 +129,17 @@ def _complete(dirs: dict[str, Path], config_hash: str) -> dict[str, ActivationSt
             store = ActivationStore(d)
         except StoreError:
             return None  # missing or incomplete: harvest (resumes) or refuse (foreign) below
-        if store.manifest.get("config_hash") != config_hash:
+        if not _same_store(cfg)(store.manifest):
             raise StoreError(f"{d} holds a store made with another config (hash "
-                             f"{store.manifest.get('config_hash')} != {config_hash}); choose another "
+                             f"{store.manifest.get('config_hash')} != {cfg.hash(exclude={'out'})}); choose another "
                              "output directory or delete it")
         out[h] = store
     return out
+
+
+def _same_store(cfg: HarvestConfig):
+    """Whether a store's manifest was written by a harvest asking for the same work as cfg."""
+    return lambda manifest: cfg.same_work(manifest.get("config"), exclude={"out"})
 
 
 def _distributed() -> tuple[int, int, bool]:
@@ -108,20 +161,23 @@ def _rank_dir(d: Path, rank: int, world: int) -> Path:
 
 def _run(cfg: HarvestConfig, dirs: dict[str, Path], config_hash: str, loaded: LoadedModel | None,
          progress: bool, rank: int = 0, world: int = 1) -> None:
-    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype)
+    device = resolve_device(cfg.device)
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=device)
     model, tok = loaded.model, loaded.tokenizer
     hps = {h: resolve(model, h) for h in dirs}
     docs = shuffled(iter_documents(cfg.text, cfg.split, cfg.text_field), cfg.seed)
     if not docs:
         raise ValueError(f"text source {cfg.text!r} has no documents in split {cfg.split!r}")
     excluded = excluded_ids(tok, cfg.exclude_special, cfg.exclude_tokens)
+    positions = cfg.positions
     bos_offset = int(cfg.prepend_bos and tok.bos_token_id is not None)
-    meta = {"model": cfg.model, "model_source": loaded.source, "hooks": list(dirs), "d_in": model.config.hidden_size,
+    meta = {"model": cfg.model, "model_source": loaded.source, "model_hash": loaded.content_hash,
+            "device": describe(loaded.device), "hooks": list(dirs), "d_in": model.config.hidden_size,
             "dtype": cfg.store_dtype, "model_dtype": cfg.dtype, "config_hash": config_hash,
             "config": cfg.model_dump(mode="json"), "text": cfg.text, "split": cfg.split,
             "ctx_len": cfg.ctx_len, "prepend_bos": bool(bos_offset), "long_docs": cfg.long_docs,
             "rank": rank, "world_size": world}
-    writers = {h: StoreWriter(d, {**meta, "hook": h}, cfg.shard_tokens) for h, d in dirs.items()}
+    writers = {h: StoreWriter(d, {**meta, "hook": h}, cfg.shard_tokens, same=_same_store(cfg)) for h, d in dirs.items()}
     skip = _sync_resume(list(writers.values()))
 
     ctxs = budgeted(contexts(docs, tok, cfg.ctx_len, cfg.prepend_bos, cfg.long_docs), excluded, cfg.tokens)
@@ -134,12 +190,11 @@ def _run(cfg: HarvestConfig, dirs: dict[str, Path], config_hash: str, loaded: Lo
     t0 = time.perf_counter()
     hooks = list(hps.values())
     for batch in batches(itertools.islice(ctxs, skip, None), cfg.batch_size, tok.pad_token_id):
-        acts = capture(model, hooks, batch.input_ids, batch.attention_mask)  # {hp: [B, T, d]}
-        keep, counts = keep_mask(batch, tok, cfg.exclude_special, cfg.exclude_tokens)
-        b, t = keep.nonzero(as_tuple=True)  # rows: (context, position)
+        kept = kept_rows(model, hooks, batch, tok, positions)
+        b, t = kept.ctx.cpu(), kept.pos.cpu()  # rows: (context, position)
         tokens, doc, pos = batch.input_ids[b, t], batch.doc[b], batch.start[b] + t - bos_offset
         for h, w in writers.items():
-            w.add(acts[hps[h]][b, t], tokens, doc, pos, counts, contexts=batch.input_ids.shape[0])
+            w.add(kept.rows(hps[h]).cpu(), tokens, doc, pos, kept.counts, contexts=batch.input_ids.shape[0])
         bar.update(len(b))
     bar.close()
     wall = time.perf_counter() - t0

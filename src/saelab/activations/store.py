@@ -47,13 +47,16 @@ class StoreError(RuntimeError):
 class StoreWriter:
     """Append rows to a store, flushing full shards; resumable from the manifest."""
 
-    def __init__(self, path: str | Path, meta: dict[str, Any], shard_tokens: int):
+    def __init__(self, path: str | Path, meta: dict[str, Any], shard_tokens: int,
+                 same: Callable[[dict[str, Any]], bool] | None = None):
+        """same(manifest): whether an existing manifest is this harvest's (default: equal config_hash)."""
         self.path = Path(path)
         self.shard_tokens = shard_tokens
         manifest = self.path / "manifest.json"
+        same = same or (lambda m: m.get("config_hash") == meta.get("config_hash"))
         if manifest.is_file():
             m = read_json(manifest)
-            if m.get("config_hash") != meta.get("config_hash"):
+            if not same(m):
                 raise StoreError(f"{self.path} holds a store made with another config "
                                  f"(hash {m.get('config_hash')} != {meta.get('config_hash')}); "
                                  "choose another output directory or delete it")

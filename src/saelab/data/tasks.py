@@ -22,12 +22,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
-from saelab.config import TaskSpec
+from saelab.config import Config
 from saelab.data.fetch import asset_ready, require_asset
 from saelab.io import atomic_write, cache_dir
 
 TASKS_VERSION = 1
+
+
+class TaskSpec(Config):
+    """A labelled probing task: rows of a local .jsonl/.csv (or `builtin:NAME`) with text and label."""
+
+    name: str
+    source: str = Field(..., description="'builtin:NAME' or a local .jsonl / .csv file")
+    text_field: str = "text"
+    label_field: str = "label"
+    group_field: str | None = Field(None, description="rows sharing a group (lemma, document) stay in one split")
+    test_fraction: float = Field(0.3, gt=0, lt=1, description="fraction of each class's groups held out")
+    max_per_class: int = Field(400, gt=1, description="examples kept per class (seeded subsample)")
+    min_train: int = Field(20, gt=0, description="fewest train examples a class may have")
+    min_test: int = Field(10, gt=0, description="fewest test examples a class may have")
+    seed: int = 0
+
 
 
 @dataclass

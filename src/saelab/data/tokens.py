@@ -16,6 +16,29 @@ NO_LIMIT = 2**62
 
 
 @dataclass(frozen=True)
+class Positions:
+    """Which positions of a context a coder reads: BOS first or not, and which tokens are dropped
+    (padding always; BOS and other special tokens when exclude_special; the user's list). A
+    harvest or on-the-fly training records it, and every later consumer of the coder (core eval,
+    probing, control, interpretation) reads the same positions it was trained on."""
+
+    prepend_bos: bool = True
+    exclude_special: bool = True
+    exclude_tokens: tuple[str | int, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> Positions:
+        """From a harvest / train-fly config dict (or an SAE's recorded `positions`); defaults otherwise."""
+        cfg = cfg or {}
+        return cls(bool(cfg.get("prepend_bos", True)), bool(cfg.get("exclude_special", True)),
+                   tuple(cfg.get("exclude_tokens") or ()))
+
+    def to_dict(self) -> dict:
+        return {"prepend_bos": self.prepend_bos, "exclude_special": self.exclude_special,
+                "exclude_tokens": list(self.exclude_tokens)}
+
+
+@dataclass(frozen=True)
 class Context:
     ids: list[int]
     doc: int  # index into the document list
@@ -120,8 +143,8 @@ def _collate(buf: list[Context], pad_id: int) -> Batch:
                  torch.tensor([c.limit for c in buf]))
 
 
-def keep_mask(batch: Batch, tokenizer: PreTrainedTokenizerBase, exclude_special: bool,
-              listed: Iterable[str | int] = ()) -> tuple[torch.Tensor, dict[str, int]]:
+def keep_mask(batch: Batch, tokenizer: PreTrainedTokenizerBase, positions: Positions
+              ) -> tuple[torch.Tensor, dict[str, int]]:
     """Positions to keep [batch, seq] and counts of what was dropped: pad, bos, special, listed.
 
     A context's row limit (end of the token budget) cuts its kept positions too; the cut
@@ -129,7 +152,7 @@ def keep_mask(batch: Batch, tokenizer: PreTrainedTokenizerBase, exclude_special:
     pad = batch.attention_mask == 0
     keep = ~pad
     counts = {"pad": int(pad.sum())}
-    for reason, ids in excluded_ids(tokenizer, exclude_special, listed).items():
+    for reason, ids in excluded_ids(tokenizer, positions.exclude_special, positions.exclude_tokens).items():
         hit = torch.isin(batch.input_ids, torch.tensor(sorted(ids), dtype=torch.long)) & keep
         counts[reason] = int(hit.sum())
         keep &= ~hit

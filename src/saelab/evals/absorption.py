@@ -28,20 +28,36 @@ import re
 import string
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-from saelab.config import AbsorptionConfig
+from saelab.config import Config
 from saelab.data.tasks import lemma
+from saelab.data.tokens import Positions
 from saelab.evals.probing import fit_predict, pooled_features, top_k_by_mean_diff
 from saelab.evals.stats import mean_ci
-from saelab.models.hooks import HookPoint
+from saelab.hookpoints import HookPoint
 from saelab.models.load import LoadedModel
+from saelab.runs.results import AbsorptionResult
 from saelab.saes.base import SparseCoder
+
+
+class AbsorptionConfig(Config):
+    """First-letter feature absorption (Chanin et al. 2024; SAEBench)."""
+
+    words: int = Field(1500, gt=0, description="single-token words from the tokenizer vocabulary")
+    word_list: str | None = Field(None, description="a local file of words (one per line) instead of the vocabulary")
+    min_letter_words: int = Field(10, gt=0, description="letters with fewer train words are skipped")
+    max_k: int = Field(5, gt=0, description="largest k-sparse probe tried when looking for split latents")
+    split_f1_gain: float = Field(0.03, ge=0, description="F1 gain from k to k+1 that counts a feature split")
+    cos_threshold: float = Field(0.025, ge=0, description="absorbing latent: decoder cosine with the probe")
+    batch_size: int = Field(64, gt=0)
+    bootstrap: int = Field(1000, gt=0)
+
 
 
 def vocab_words(tokenizer, n: int, seed: int) -> list[str]:
@@ -60,8 +76,8 @@ def _is_test(word: str, fraction: float = 0.3) -> bool:
     return int.from_bytes(hashlib.sha256(lemma(word).encode()).digest()[:4], "big") % 1000 < fraction * 1000
 
 
-def absorption(cfg: AbsorptionConfig, sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, prepend_bos: bool,
-               progress: bool = True, seed: int = 0) -> dict[str, Any]:
+def absorption(cfg: AbsorptionConfig, sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, positions: Positions,
+               progress: bool = True, seed: int = 0) -> AbsorptionResult:
     t0 = time.perf_counter()
     if cfg.word_list:
         path = Path(cfg.word_list).expanduser()
@@ -75,12 +91,12 @@ def absorption(cfg: AbsorptionConfig, sae: SparseCoder, loaded: LoadedModel, hp:
     if len(words) < 2 * cfg.min_letter_words:
         raise ValueError(f"absorption needs words: {source} gave {len(words)}, fewer than "
                          f"{2 * cfg.min_letter_words} (2 x min_letter_words); pass a word_list")
-    x, z = pooled_features([" " + w for w in words], loaded, hp, sae, 8, cfg.batch_size, prepend_bos,
+    x, z = pooled_features([" " + w for w in words], loaded, hp, sae, 8, cfg.batch_size, positions,
                            pool="last", progress=progress, desc="absorption")
     x, z = x.numpy().astype(np.float64), z.numpy()
     letters = np.array([string.ascii_lowercase.index(w[0]) for w in words])
     test = np.array([_is_test(w) for w in words])
-    W = sae.W_dec.detach().float()
+    W = sae.W_dec.detach().float().cpu()
     W_unit = torch.nn.functional.normalize(W, dim=1)
     per_letter, fractions, full = {}, [], []
     for li, letter in enumerate(string.ascii_lowercase):
@@ -127,14 +143,13 @@ def absorption(cfg: AbsorptionConfig, sae: SparseCoder, loaded: LoadedModel, hp:
     if not per_letter:
         raise ValueError(f"absorption: no letter has {cfg.min_letter_words} train words and a test word "
                          f"({len(words)} words from {source})")
-    return {
-        "words": len(words), "word_source": source, "letters": len(per_letter),
-        "absorption_fraction": mean_ci(np.array(fractions), cfg.bootstrap, seed),
-        "full_absorption_rate": mean_ci(np.array(full), cfg.bootstrap, seed),
-        "split_latents_total": int(sum(v["split_latents"] for v in per_letter.values())),
-        "letters_with_split": int(sum(v["split_latents"] > 0 for v in per_letter.values())),
-        "mean_probe_f1": float(np.mean([v["probe_f1"] for v in per_letter.values()])),
-        "mean_sparse_probe_f1_k1": float(np.mean([v["sparse_probe_f1"][1] for v in per_letter.values()])),
-        "per_letter": per_letter, "wall_seconds": round(time.perf_counter() - t0, 2),
-        "method": __doc__.split("\n\n")[0].replace("\n", " "),
-    }
+    return AbsorptionResult(
+        words=len(words), word_source=source, letters=len(per_letter),
+        absorption_fraction=mean_ci(np.array(fractions), cfg.bootstrap, seed),
+        full_absorption_rate=mean_ci(np.array(full), cfg.bootstrap, seed),
+        split_latents_total=int(sum(v["split_latents"] for v in per_letter.values())),
+        letters_with_split=int(sum(v["split_latents"] > 0 for v in per_letter.values())),
+        mean_probe_f1=float(np.mean([v["probe_f1"] for v in per_letter.values()])),
+        mean_sparse_probe_f1_k1=float(np.mean([v["sparse_probe_f1"][1] for v in per_letter.values()])),
+        per_letter=per_letter, wall_seconds=round(time.perf_counter() - t0, 2), seed=seed,
+        method=__doc__.split("\n\n")[0].replace("\n", " "))

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 class Moments:
     """Streaming sums for EV/MSE over many batches (float64 for stability)."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, device: torch.device | str = "cpu"):
         self.n = 0
-        self.sum = torch.zeros(d, dtype=torch.float64)
-        self.sumsq = torch.zeros((), dtype=torch.float64)  # sum ||x||^2
-        self.sse = torch.zeros((), dtype=torch.float64)  # sum ||x - x_hat||^2
+        self.sum = torch.zeros(d, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros((), dtype=torch.float64, device=device)  # sum ||x||^2
+        self.sse = torch.zeros((), dtype=torch.float64, device=device)  # sum ||x - x_hat||^2
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
         x64 = x.double()
@@ -46,7 +46,7 @@ class Moments:
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (variance around the mean)."""
-    m = Moments(x.shape[1])
+    m = Moments(x.shape[1], x.device)
     m.update(x, x_hat)
     return m.explained_variance()
 

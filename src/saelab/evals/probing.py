@@ -18,34 +18,54 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from saelab.config import ProbingConfig, TaskSpec
+from saelab.activations.rows import kept_rows
+from saelab.config import Config
 from saelab.data.tasks import (
     BUILTINS,
     TaskData,
+    TaskSpec,
     builtin_available,
     builtin_spec,
     load_task,
     task_summary,
 )
-from saelab.data.tokens import Context, batches, keep_mask
+from saelab.data.tokens import Context, Positions, batches
 from saelab.evals.stats import compare
-from saelab.models.hooks import HookPoint, capture
+from saelab.hookpoints import HookPoint
 from saelab.models.load import LoadedModel
+from saelab.runs.results import Comparison, ProbingResult, ProbingTask
 from saelab.saes.base import SparseCoder
+
+
+class ProbingConfig(Config):
+    """Sparse probing (SAEBench): top-k latents by class-mean difference, then logistic regression."""
+
+    tasks: list[str | TaskSpec] = Field(
+        default_factory=lambda: ["sentiment", "pos", "code_vs_prose", "stage_direction", "play_genre",
+                                 "text_source", "language_id"],
+        description="built-in task names or TaskSpec mappings (a built-in whose source is not fetched is skipped)")
+    ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 20])
+    max_tokens: int = Field(32, ge=2, description="tokens per example (longer texts are cut)")
+    batch_size: int = Field(32, gt=0)
+    max_per_class: int | None = Field(200, description="override every task's max_per_class (None: each task's own)")
+    bootstrap: int = Field(1000, gt=0, description="bootstrap resamples for CIs")
+
 
 
 @torch.no_grad()
 def pooled_features(texts: list[str], loaded: LoadedModel, hp: HookPoint, sae: SparseCoder | None,
-                    max_tokens: int, batch_size: int, prepend_bos: bool, pool: str = "mean",
+                    max_tokens: int, batch_size: int, positions: Positions, pool: str = "mean",
                     progress: bool = False, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-example activations x [n, d] and SAE latents z [n, width] (None without an SAE),
-    mean-pooled over kept tokens (pool="mean") or taken at the last kept token (pool="last")."""
+    """Per-example activations x [n, d] and SAE latents z [n, width] (None without an SAE), on the
+    CPU, mean-pooled over the kept tokens (the coder's `positions`; pool="mean") or taken at the last
+    kept token (pool="last")."""
     tok = loaded.tokenizer
-    bos = [tok.bos_token_id] if prepend_bos and tok.bos_token_id is not None else []
+    bos = [tok.bos_token_id] if positions.prepend_bos and tok.bos_token_id is not None else []
     ctxs = []
     for i, t in enumerate(texts):
         ids = tok(t, add_special_tokens=False)["input_ids"][: max_tokens - len(bos)]
@@ -55,20 +75,23 @@ def pooled_features(texts: list[str], loaded: LoadedModel, hp: HookPoint, sae: S
     xs, zs = [], []
     for batch in tqdm(batches(ctxs, batch_size, tok.pad_token_id), total=-(-len(ctxs) // batch_size),
                       desc=desc, disable=not progress, leave=False):
-        acts = capture(loaded.model, [hp], batch.input_ids, batch.attention_mask)[hp].float()  # [B, T, d]
-        keep, _ = keep_mask(batch, tok, True)
+        kept = kept_rows(loaded.model, [hp], batch, tok, positions)
+        acts, keep = kept.full[hp].float(), kept.keep  # [B, T, d], [B, T]
+        if not keep.any(1).all():
+            i = int(batch.doc[~keep.any(1).cpu()][0])
+            raise ValueError(f"example {i} ({texts[i][:40]!r}) has no token the coder reads (all excluded)")
         if pool == "last":  # the last kept position of each row
-            pos = torch.arange(keep.shape[1]).expand_as(keep).masked_fill(~keep, -1).max(1).values
+            pos = torch.arange(keep.shape[1], device=keep.device).expand_as(keep).masked_fill(~keep, -1).max(1).values
             keep = torch.zeros_like(keep)
-            keep[torch.arange(keep.shape[0]), pos] = True
+            keep[torch.arange(keep.shape[0], device=keep.device), pos] = True
         w = keep.float() / keep.sum(1, keepdim=True).clamp_min(1)  # [B, T] pooling weights
-        xs.append(torch.einsum("bt,btd->bd", w, acts))
+        xs.append(torch.einsum("bt,btd->bd", w, acts).cpu())
         if sae is not None:
             flat = acts[keep]  # [tokens, d]
             z = sae.encode(flat)  # [tokens, width]
             row = keep.nonzero()[:, 0]
-            pooled = torch.zeros(keep.shape[0], z.shape[1]).index_add_(0, row, z * w[keep][:, None])
-            zs.append(pooled)
+            pooled = z.new_zeros(keep.shape[0], z.shape[1]).index_add_(0, row, z * w[keep][:, None])
+            zs.append(pooled.cpu())
     return torch.cat(xs), (torch.cat(zs) if sae is not None else None)
 
 
@@ -115,23 +138,33 @@ def probe_correct(feats: np.ndarray, data: TaskData, k: int | None, seed: int = 
 
 
 def sparse_probe_task(x: np.ndarray, z: np.ndarray, data: TaskData, ks: list[int], n_boot: int,
-                      seed: int = 0) -> dict[str, Any]:
-    """Accuracies of SAE top-k / all latents and residual top-k / full residual on one task.
-    x: [n, d] residual; z: [n, width] latents."""
+                      seed: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Accuracies of SAE top-k / all latents and residual top-k / full residual on one task, and
+    each method's per-test-example correctness. x: [n, d] residual; z: [n, width] latents."""
     c = {f"sae_k{k}": probe_correct(z, data, k, seed) for k in ks}
     c["sae_all"] = probe_correct(z, data, None, seed)
     c |= {f"resid_k{k}": probe_correct(x, data, k, seed) for k in ks}
     c["resid_full"] = probe_correct(x, data, None, seed)
+    comparisons = probe_comparisons(c, ks, n_boot, seed)
+    return ({"accuracy": {m: float(v.mean()) for m, v in c.items()}, "comparisons": comparisons,
+             "test_examples": int(c["sae_all"].shape[0]), "comparison_sides": SIDES}, c)
+
+
+SIDES = "a = SAE latents, b = residual stream"
+
+
+def probe_comparisons(c: dict[str, np.ndarray], ks: list[int], n_boot: int, seed: int) -> dict[str, Comparison]:
+    """SAE top-k vs residual top-k, all latents vs the full residual, SAE top-k vs the full residual:
+    paired on the same test examples (c: method -> per-example correctness)."""
     ones = np.ones_like(c["sae_all"])
 
-    def cmp(a: str, b: str) -> dict[str, Any]:
-        return compare((c[a], ones), (c[b], ones), n_boot, seed, unit="test example")
+    def cmp(a: str, b: str) -> Comparison:
+        return compare((c[a], ones), (c[b], ones), n_boot, seed, unit="test example", sides=SIDES)
 
     comparisons = {f"k{k}": cmp(f"sae_k{k}", f"resid_k{k}") for k in ks}
     comparisons["all"] = cmp("sae_all", "resid_full")
     comparisons |= {f"k{k}_vs_resid_full": cmp(f"sae_k{k}", "resid_full") for k in ks}
-    return {"accuracy": {m: float(v.mean()) for m, v in c.items()}, "comparisons": comparisons,
-            "test_examples": int(ones.shape[0]), "comparison_sides": "a = SAE latents, b = residual stream"}
+    return comparisons
 
 
 def resolve_tasks(tasks: list[str | TaskSpec], max_per_class: int | None = None
@@ -153,21 +186,28 @@ def resolve_tasks(tasks: list[str | TaskSpec], max_per_class: int | None = None
     return specs, skipped
 
 
-def sparse_probing(cfg: ProbingConfig, sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, prepend_bos: bool,
-                   progress: bool = True, seed: int = 0) -> dict[str, Any]:
-    """Sparse probing over every task in cfg.tasks; per task accuracies, comparisons, wall time."""
+def sparse_probing(cfg: ProbingConfig, sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, positions: Positions,
+                   progress: bool = True, seed: int = 0) -> ProbingResult:
+    """Sparse probing over every task in cfg.tasks: per task accuracies and comparisons, and the
+    same comparisons pooled over every task's test examples (the ledger's headline)."""
     specs, skipped = resolve_tasks(cfg.tasks, cfg.max_per_class)
-    results = {}
+    results, pooled = {}, {}
     for spec in specs:
         t0 = time.perf_counter()
         data = load_task(spec)
-        x, z = pooled_features(data.texts, loaded, hp, sae, cfg.max_tokens, cfg.batch_size, prepend_bos,
+        x, z = pooled_features(data.texts, loaded, hp, sae, cfg.max_tokens, cfg.batch_size, positions,
                                progress=progress, desc=f"probe {spec.name}")
-        r = sparse_probe_task(x.numpy(), z.numpy(), data, cfg.ks, cfg.bootstrap, seed)
-        results[spec.name] = {**task_summary(data), "source": data.source, **r,
-                              "wall_seconds": round(time.perf_counter() - t0, 2)}
+        r, correct = sparse_probe_task(x.numpy(), z.numpy(), data, cfg.ks, cfg.bootstrap, seed)
+        results[spec.name] = ProbingTask(**task_summary(data), source=data.source, **r,
+                                         wall_seconds=round(time.perf_counter() - t0, 2))
+        for m, v in correct.items():
+            pooled.setdefault(m, []).append(v)
     if not results:
         raise ValueError(f"no probing task could run: {skipped or 'the task list is empty'}")
-    return {"tasks": results, "skipped": skipped, "ks": cfg.ks,
-            "method": "SAEBench sparse probing: top-k by |class-mean difference| on train, logistic regression, "
-                      "test accuracy pooled over balanced one-vs-rest problems; features mean-pooled over tokens"}
+    pooled_cmp = probe_comparisons({m: np.concatenate(v) for m, v in pooled.items()}, cfg.ks, cfg.bootstrap, seed)
+    return ProbingResult(
+        tasks=results, skipped=skipped, ks=cfg.ks,
+        pooled={k: v for k, v in pooled_cmp.items() if "_vs_" not in k}, seed=seed,
+        method="SAEBench sparse probing: top-k by |class-mean difference| on train, logistic regression, test "
+               "accuracy pooled over balanced one-vs-rest problems; features mean-pooled over the kept tokens; "
+               "'pooled' puts every task's test examples together (bootstrap over examples)")

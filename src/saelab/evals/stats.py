@@ -11,9 +11,9 @@ explained variance (1 - SSE / total variance).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+
+from saelab.runs.results import Comparison, Estimate
 
 METHOD = "paired percentile bootstrap (Efron & Tibshirani 1993), units resampled with replacement"
 
@@ -35,7 +35,7 @@ def ratio(num: np.ndarray, den: np.ndarray, w: np.ndarray | None = None) -> np.n
 
 
 def compare(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], n_boot: int = 1000,
-            seed: int = 0, one_minus: bool = False, unit: str = "example") -> dict[str, Any]:
+            seed: int = 0, one_minus: bool = False, unit: str = "example", sides: str = "") -> Comparison:
     """Compare statistic A and B (each a (num, den) pair over the same units): a, b, a - b and
     the 95% CIs of a, b and a - b. one_minus: the statistic is 1 - num/den (explained variance)."""
     (na, da), (nb, db) = (np.asarray(x, dtype=np.float64) for x in a), (np.asarray(x, dtype=np.float64) for x in b)
@@ -55,16 +55,16 @@ def compare(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], 
     def ci(x: np.ndarray) -> list[float]:
         return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
 
-    return {"a": est_a, "b": est_b, "diff": est_a - est_b, "a_ci95": ci(sa_), "b_ci95": ci(sb_),
-            "diff_ci95": ci(sa_ - sb_), "n_units": int(n), "unit": unit, "n_boot": int(n_boot), "method": METHOD}
+    return Comparison(a=est_a, b=est_b, diff=est_a - est_b, a_ci95=ci(sa_), b_ci95=ci(sb_), diff_ci95=ci(sa_ - sb_),
+                      n_units=int(n), unit=unit, n_boot=int(n_boot), method=METHOD, sides=sides)
 
 
-def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Estimate:
     """A mean with its percentile-bootstrap 95% CI (one side, no comparison)."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
-        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n_units": 0}
+        return Estimate(mean=float("nan"), ci95=[float("nan"), float("nan")], n_units=0)
     w = resample_counts(v.shape[0], n_boot, seed)
     boots = ratio(v, np.ones_like(v), w)
-    return {"mean": float(v.mean()), "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-            "n_units": int(v.shape[0]), "n_boot": int(n_boot), "method": METHOD}
+    return Estimate(mean=float(v.mean()), ci95=[float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+                    n_units=int(v.shape[0]), n_boot=int(n_boot), method=METHOD)

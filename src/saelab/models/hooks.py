@@ -16,19 +16,23 @@ Hooks are plain PyTorch forward hooks on the Hugging Face modules, resolved by t
 per-family table ARCHS. Capturing raises `StopForward` once every requested point is
 captured, so the layers after the deepest hook never run. Patching `resid_mid` changes both
 what the MLP reads and the residual the block adds the MLP's output to, as in the model.
+
+The public patch API (steering, ablation and circuits build on it; all run with gradients):
+`capture` (activations, stopped early), `replace(model, hook, fn)` and `add(model, hook, v,
+mask)` (context managers changing every forward inside them), `record(model, hooks)` (a
+context manager keeping the activations as graph nodes), and `forward` (logits).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+from saelab.hookpoints import KINDS, HookPoint
 
 
 @dataclass(frozen=True)
@@ -55,29 +59,6 @@ ARCHS: dict[str, Arch] = {
     "bert": Arch("encoder.layer", "attention.output.dense", ("intermediate", "output.dense"),
                  "attention", mid_is_output=True),
 }
-
-
-@dataclass(frozen=True, order=True)
-class HookPoint:
-    layer: int
-    kind: str
-
-    def __str__(self) -> str:
-        return f"{self.kind}.{self.layer}"
-
-    @staticmethod
-    def parse(name: str) -> HookPoint:
-        m = re.fullmatch(r"(\w+?)\.(\d+)", name) or None
-        if m:
-            kind, layer = m.group(1), int(m.group(2))
-        elif m2 := re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", name):
-            kind, layer = m2.group(2), int(m2.group(1))
-        else:
-            raise ValueError(f"hook point {name!r} is not of the form KIND.LAYER, e.g. 'resid_post.10'; "
-                             f"kinds: {', '.join(KINDS)}")
-        if kind not in KINDS:
-            raise ValueError(f"unknown hook kind {kind!r} in {name!r}; kinds: {', '.join(KINDS)}")
-        return HookPoint(layer, kind)
 
 
 class StopForward(Exception):
@@ -217,25 +198,79 @@ def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
-@torch.no_grad()
+# --- the public patch API: capture, replace, add, record; each also runs with gradients -------------
+
+
+def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [batch, seq, vocab] (encoders: the last hidden state), with whatever patches are active.
+    Gradients follow the ambient mode: call under torch.enable_grad() to differentiate."""
+    return _forward(model, input_ids, attention_mask, logits=True)
+
+
+@contextlib.contextmanager
+def replace(model: nn.Module, hook: str | HookPoint,
+            fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[HookPoint]:
+    """Within the block, the activation at `hook` ([batch, seq, d]) is replaced by fn(activation)
+    in every forward pass. Nothing is detached, so gradients flow through fn and the model."""
+    hp = resolve(model, hook)
+    with _hook(model, hp, fn):
+        yield hp
+
+
+@contextlib.contextmanager
+def add(model: nn.Module, hook: str | HookPoint, vector: torch.Tensor,
+        mask: torch.Tensor | None = None) -> Iterator[HookPoint]:
+    """Within the block, `vector` ([d], or [batch, seq, d]) is added to the activation at `hook`,
+    at every position or where mask [batch, seq] is True (steering). Differentiable in vector."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        v = vector.to(x.dtype)
+        if mask is None:
+            return x + v
+        return x + v * mask.to(x.device)[..., None].to(x.dtype)
+    with replace(model, hook, fn) as hp:
+        yield hp
+
+
+@contextlib.contextmanager
+def record(model: nn.Module, hooks: list[str | HookPoint]) -> Iterator[dict[HookPoint, torch.Tensor]]:
+    """Within the block, the dict it yields holds the latest activation [batch, seq, d] at each hook,
+    not detached: with gradients on, they are nodes of the graph (e.g. for attribution). Hooks run
+    in the order they were entered: a `replace`/`add` entered before `record` is seen by it."""
+    hps = [resolve(model, h) for h in hooks]
+    out: dict[HookPoint, torch.Tensor] = {}
+
+    def grab(hp):
+        def fn(x):
+            out[hp] = x
+        return fn
+
+    with contextlib.ExitStack() as stack:
+        for hp in hps:
+            stack.enter_context(_hook(model, hp, grab(hp)))
+        yield out
+
+
 def capture(
     model: nn.Module,
     hooks: list[HookPoint],
     input_ids: torch.Tensor,  # [batch, seq]
     attention_mask: torch.Tensor | None = None,  # [batch, seq]
+    grad: bool = False,
 ) -> dict[HookPoint, torch.Tensor]:
-    """Activations [batch, seq, d] at each hook point, in one pass that stops after the deepest."""
+    """Activations [batch, seq, d] at each hook point, in one pass that stops after the deepest.
+    grad=False (default): detached, no graph; grad=True: differentiable (w.r.t. the model's inputs
+    embeddings and weights up to the hook)."""
     hooks = [resolve(model, h) for h in hooks]
     out: dict[HookPoint, torch.Tensor] = {}
 
     def grab(hp):
         def fn(x):
-            out[hp] = x.detach()
+            out[hp] = x if grad else x.detach()
             if len(out) == len(hooks):
                 raise StopForward
         return fn
 
-    with contextlib.ExitStack() as stack:
+    with torch.set_grad_enabled(grad), contextlib.ExitStack() as stack:
         for hp in hooks:
             stack.enter_context(_hook(model, hp, grab(hp)))
         try:
@@ -256,10 +291,9 @@ def run_with_patch(
     input_ids: torch.Tensor,  # [batch, seq]
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits [batch, seq, vocab] with the activation at `hook` replaced by fn(activation).
-
-    Models without an LM head (encoders) return their last hidden state instead."""
+    """Logits [batch, seq, vocab] with the activation at `hook` replaced by fn(activation), no
+    gradients (evals). Models without an LM head (encoders) return their last hidden state."""
     if fn is None:
-        return _forward(model, input_ids, attention_mask, logits=True)
-    with _hook(model, resolve(model, hook), fn):
-        return _forward(model, input_ids, attention_mask, logits=True)
+        return forward(model, input_ids, attention_mask)
+    with replace(model, hook, fn):
+        return forward(model, input_ids, attention_mask)

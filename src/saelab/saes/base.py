@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from saelab.config import SAEConfig
 from saelab.io import atomic_write, read_json, write_json
+from saelab.saes.config import SAEConfig
 
 FORMAT = "saelab.sae/1"
 
@@ -32,9 +32,10 @@ class ForwardOutput:
     y_hat: torch.Tensor  # [batch, d_out]
     loss: torch.Tensor  # scalar: what the optimizer minimises
     fvu: torch.Tensor  # scalar, detached: fraction of variance unexplained on this batch
-    aux_loss: torch.Tensor  # scalar, detached: the architecture's auxiliary/sparsity term
     active: torch.Tensor  # indices of the latents that fired in this batch (any shape)
     l0: float  # mean active latents per token
+    terms: dict[str, torch.Tensor]  # the loss's named terms, detached, before their coefficients
+    # (topk: fvu, auxk; relu: mse, l1; jumprelu: mse, l0; ...): metrics.jsonl logs them as loss_<name>
 
 
 @dataclass

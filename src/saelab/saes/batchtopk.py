@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import batch_topk_encode, ragged_decode, select_dtype
 from saelab.saes.topk import auxk_loss, dead_latents, dead_pre_acts
 
@@ -35,7 +35,8 @@ class BatchTopKSAE(SparseCoder):
 
     def select(self, x_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's k*B largest positive pre-activations as row-sorted (rows, cols, values) [nnz]."""
-        return batch_topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k, select_dtype(self.cfg.topk_select_dtype))
+        return batch_topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k, select_dtype(self.cfg.topk_select_dtype,
+                                                                                              x_c.device))
 
     @torch.no_grad()
     def update_threshold(self, vals: torch.Tensor) -> None:
@@ -52,9 +53,10 @@ class BatchTopKSAE(SparseCoder):
         err = y - y_hat
         fvu = fvu_of(err, ctx.total_variance)
         dead = dead_latents(self, ctx)
-        aux = torch.zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
+        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
         loss = fvu + self.cfg.aux_coef * aux
-        return ForwardOutput(y_hat, loss, fvu.detach(), aux.detach(), cols, rows.numel() / x.shape[0])
+        return ForwardOutput(y_hat, loss, fvu.detach(), cols, rows.numel() / x.shape[0],
+                             {"fvu": fvu.detach(), "auxk": aux.detach()})
 
     def decode_selected(self, rows, cols, vals, x) -> torch.Tensor:
         return ragged_decode(rows, cols, vals, self.W_dec, x.shape[0]) + self.b_dec + self.skip_out(x)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.config import SAEConfig
 
 DEFAULT_L1 = 1.0  # for inputs normalised to E||x||^2 = d
 
@@ -48,7 +48,9 @@ class GatedSAE(SparseCoder):
         y_gate = gate_act @ self.W_dec.detach() + self.b_dec.detach() + self.skip_out(x)
         aux = (y - y_gate).pow(2).sum() / ctx.n_tokens
         coef = DEFAULT_L1 if self.cfg.sparsity_coef is None else self.cfg.sparsity_coef
-        loss = err.pow(2).sum() / ctx.n_tokens + ctx.sparsity_scale * coef * l1 + aux
+        mse = err.pow(2).sum() / ctx.n_tokens
+        loss = mse + ctx.sparsity_scale * coef * l1 + aux
         active = z.nonzero()[:, 1]
-        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), l1.detach(), active,
-                             active.numel() / x.shape[0])
+        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
+                             active.numel() / x.shape[0], {"mse": mse.detach(), "l1": l1.detach(),
+                                                           "aux_gate": aux.detach()})

@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.config import SAEConfig
 
 DEFAULT_L0_COEF = 0.1  # for inputs normalised to E||x||^2 = d
 
@@ -75,7 +75,8 @@ class JumpReluSAE(SparseCoder):
         err = y - y_hat
         l0 = _Step.apply(pre, theta, self.cfg.bandwidth).sum() / ctx.n_tokens
         coef = DEFAULT_L0_COEF if self.cfg.sparsity_coef is None else self.cfg.sparsity_coef
-        loss = err.pow(2).sum() / ctx.n_tokens + ctx.sparsity_scale * coef * l0
+        mse = err.pow(2).sum() / ctx.n_tokens
+        loss = mse + ctx.sparsity_scale * coef * l0
         active = z.nonzero()[:, 1]
-        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), l0.detach(), active,
-                             active.numel() / x.shape[0])
+        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
+                             active.numel() / x.shape[0], {"mse": mse.detach(), "l0": l0.detach()})

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, fvu_of, register
 from saelab.saes.batchtopk import BatchTopKSAE
+from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import ragged_decode
 from saelab.saes.topk import auxk_loss, dead_latents, dead_pre_acts
 
@@ -53,6 +53,8 @@ class MatryoshkaSAE(BatchTopKSAE):
             start = end
         err = y - y_hat
         dead = dead_latents(self, ctx)
-        aux = torch.zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
-        loss = torch.stack(fvus).mean() + self.cfg.aux_coef * aux
-        return ForwardOutput(y_hat, loss, fvus[-1].detach(), aux.detach(), cols, rows.numel() / B)
+        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
+        prefix_fvu = torch.stack(fvus).mean()
+        loss = prefix_fvu + self.cfg.aux_coef * aux
+        return ForwardOutput(y_hat, loss, fvus[-1].detach(), cols, rows.numel() / B,
+                             {"fvu_prefix_mean": prefix_fvu.detach(), "auxk": aux.detach()})

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.config import SAEConfig
 
 DEFAULT_COEF = 5.0
 ANNEAL_START, ANNEAL_END, ANNEAL_STEPS = 0.2, 0.9, 10
@@ -54,7 +54,8 @@ class PAnnealSAE(SparseCoder):
         err = y - y_hat
         # (z + tiny)^p keeps the gradient finite at z = 0 for p < 1; the tiny shift is negligible
         pen = ((z + 1e-12).pow(float(self.p)) * (z > 0)).sum() / ctx.n_tokens
-        loss = err.pow(2).sum() / ctx.n_tokens + ctx.sparsity_scale * float(self.coef) * pen
+        mse = err.pow(2).sum() / ctx.n_tokens
+        loss = mse + ctx.sparsity_scale * float(self.coef) * pen
         active = z.nonzero()[:, 1]
-        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), pen.detach(), active,
-                             active.numel() / x.shape[0])
+        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
+                             active.numel() / x.shape[0], {"mse": mse.detach(), "lp": pen.detach()})

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from saelab.config import SAEConfig
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.config import SAEConfig
 
 DEFAULT_L1 = 5.0
 DECODER_INIT_NORM = 0.1
@@ -48,5 +48,5 @@ class ReluSAE(SparseCoder):
         pen = self.penalty(z, ctx)
         loss = recon + ctx.sparsity_scale * self.coef() * pen
         active = z.nonzero()[:, 1]
-        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), pen.detach(), active,
-                             active.numel() / x.shape[0])
+        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
+                             active.numel() / x.shape[0], {"mse": recon.detach(), "l1": pen.detach()})

@@ -18,19 +18,28 @@ import torch.nn.functional as F
 from saelab.io import DTYPES
 
 
-def select_dtype(name: str) -> torch.dtype:
-    """The dtype for top-k selection: 'auto' is bfloat16 where the CPU has AVX512-BF16 (the
+def select_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype for top-k selection. 'auto' on CPU: bfloat16 where the CPU has AVX512-BF16 (the
     bf16 matmul runs ~2.2x float32 there, making the whole step ~1.6x faster), float32 elsewhere
-    (emulated bf16 is slower than float32)."""
+    (emulated bf16 is slower than float32). 'auto' on CUDA: bfloat16 where the GPU supports it
+    (tensor cores), else float32; the CPU's test is never applied to a GPU."""
     if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         return torch.bfloat16 if native else torch.float32
     return DTYPES[name]
 
 
+def fused_kernels(t: torch.Tensor) -> bool:
+    """Whether to use the CPU-tuned kernels (the private per-sample-weights backward, grouped
+    top-k) for tensors like t; elsewhere (CUDA) a plain path with the same results runs."""
+    return t.device.type == "cpu"
+
+
 def row_offsets(rows: torch.Tensor, batch: int) -> torch.Tensor:
     """Start of each row's entries [batch] for row-sorted entries rows [nnz]."""
-    offsets = torch.zeros(batch, dtype=torch.long)
+    offsets = torch.zeros(batch, dtype=torch.long, device=rows.device)
     offsets[1:] = torch.bincount(rows, minlength=batch).cumsum(0)[:-1]
     return offsets
 
@@ -52,19 +61,25 @@ def encoder_pre(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, dty
     """Pre-activations x W_enc + b_enc [B, m] computed in `dtype`; W_enc_t: [m, d_in]. The bias
     rides in the matmul as a column of ones: addmm would first broadcast it into the whole
     [B, m] output, a full extra pass over the largest tensor of the step."""
-    x_aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1).to(dtype)  # [B, d_in + 1]
+    x_aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1).to(dtype)  # [B, d_in + 1]
     W_aug = torch.cat([W_enc_t, b_enc[:, None]], 1).to(dtype)  # [m, d_in + 1]
     return x_aug @ W_aug.t()
 
 
 def selected_values(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, rows: torch.Tensor,
-                    cols: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+                    cols: torch.Tensor, offsets: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """Exact float32 pre-activations [nnz] at the selected entries: <x_row, W_enc[:, col]> + b_enc[col].
 
     These are the gradients of an embedding_bag with respect to its per-sample weights, so
     torch's fused kernel for that computes them without materialising the [nnz, d] gather
-    (11 ms per 4096-row batch with k 32 vs 68 ms for a chunked gather + bmm; d 576)."""
-    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(x, W_enc_t, cols, offsets, rows, 0, -1)
+    (11 ms per 4096-row batch with k 32 vs 68 ms for a chunked gather + bmm; d 576). Off the CPU
+    (and with fused=False) a chunked gather computes the same dot products."""
+    if fused and fused_kernels(x):
+        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(x, W_enc_t, cols, offsets, rows, 0, -1)
+    else:
+        step = max(1, (1 << 24) // max(1, x.shape[1]))  # entries per chunk: bounds the [chunk, d] gathers
+        dots = torch.cat([(x[rows[s:s + step]] * W_enc_t[cols[s:s + step]]).sum(-1)
+                          for s in range(0, cols.numel(), step)]) if cols.numel() else x.new_zeros(0)
     return dots + b_enc[cols]
 
 
@@ -82,7 +97,7 @@ def encoder_grads(ctx, x: torch.Tensor, W_enc_t: torch.Tensor, rows: torch.Tenso
                   offsets: torch.Tensor, g: torch.Tensor):
     """(g_x [B, d_in], g_W_enc [d_in, m], g_b_enc [m]) from the gradient g [nnz] of the selected values."""
     m = W_enc_t.shape[0]
-    g_b = torch.zeros(m, dtype=g.dtype).index_add_(0, cols, g)
+    g_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
     g_W = latent_segment_sum(cols, rows, g, x, m).t() if ctx.needs_input_grad[1] else None
     g_x = (F.embedding_bag(cols, W_enc_t, offsets, per_sample_weights=g, mode="sum")
            if ctx.needs_input_grad[0] else None)
@@ -100,6 +115,8 @@ def topk_indices(pre: torch.Tensor, k: int, group: int = 4) -> torch.Tensor:
     k-th best group max must itself be above it), so descending from the top level through only
     those groups, group * k candidates per row, finds the top k exactly (up to ties)."""
     B = pre.shape[0]
+    if not fused_kernels(pre):  # a GPU's topk is fast as it is
+        return pre.topk(k, dim=-1, sorted=False).indices
     levels = [pre]
     while levels[-1].shape[1] % group == 0 and levels[-1].shape[1] // group >= 4 * k:
         top = levels[-1]
@@ -107,7 +124,7 @@ def topk_indices(pre: torch.Tensor, k: int, group: int = 4) -> torch.Tensor:
     idx = levels[-1].topk(k, dim=-1, sorted=False).indices
     for level in reversed(levels[:-1]):
         stride = level.shape[1] // group
-        cand = (idx[:, None, :] + torch.arange(group)[None, :, None] * stride).view(B, group * k)
+        cand = (idx[:, None, :] + torch.arange(group, device=pre.device)[None, :, None] * stride).view(B, group * k)
         idx = cand.gather(1, level.gather(1, cand).topk(k, dim=-1, sorted=False).indices)
     return idx
 
@@ -121,7 +138,8 @@ class TopKEncode(torch.autograd.Function):
         pre = encoder_pre(x, W_enc_t, b_enc, dtype)
         idx = topk_indices(pre, k)
         B = x.shape[0]
-        rows, offsets = torch.arange(B).repeat_interleave(k), torch.arange(0, B * k, k)
+        rows = torch.arange(B, device=x.device).repeat_interleave(k)
+        offsets = torch.arange(0, B * k, k, device=x.device)
         vals = (pre.gather(1, idx) if dtype == x.dtype
                 else selected_values(x, W_enc_t, b_enc, rows, idx.reshape(-1), offsets).view(B, k)).relu()
         ctx.save_for_backward(x, W_enc_t, idx, vals, rows, offsets)

@@ -62,7 +62,7 @@ class TopKSAE(SparseCoder):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         vals, idx = self.topk(x)
-        return torch.zeros(x.shape[0], self.cfg.width, dtype=vals.dtype).scatter_(-1, idx, vals)
+        return torch.zeros(x.shape[0], self.cfg.width, dtype=vals.dtype, device=x.device).scatter_(-1, idx, vals)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         vals, idx = self.topk(x)
@@ -70,12 +70,14 @@ class TopKSAE(SparseCoder):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
         x_c = self.centered(x)
-        vals, idx = topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k, select_dtype(self.cfg.topk_select_dtype))
+        vals, idx = topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k,
+                                select_dtype(self.cfg.topk_select_dtype, x.device))
         y_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec + self.skip_out(x)
         err = y - y_hat
         fvu = fvu_of(err, ctx.total_variance)
-        aux = torch.zeros(())
+        aux = x.new_zeros(())
         if (dead := dead_latents(self, ctx)) is not None:
             aux = auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
         loss = fvu + self.cfg.aux_coef * aux
-        return ForwardOutput(y_hat, loss, fvu.detach(), aux.detach(), idx, float(self.cfg.k))
+        return ForwardOutput(y_hat, loss, fvu.detach(), idx, float(self.cfg.k),
+                             {"fvu": fvu.detach(), "auxk": aux.detach()})

@@ -35,9 +35,18 @@ class StorePair:
         x = self.x.all_acts(max_rows=rows)
         return x, (self.y.all_acts(max_rows=rows) if self.y is not None else x)
 
-    def batches(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int, seed: int, pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless shuffled (x [B, d_in], y [B, d_out]) batches, epoch after epoch, each epoch's
-        order fixed by (seed, epoch). A pair is shuffled as one [rows, d_in + d_out] array."""
+        order fixed by (seed, epoch). A pair is shuffled as one [rows, d_in + d_out] array.
+        pin: batches in pinned host memory, so the copy to a GPU can be non-blocking."""
+        for x, y in self._batches(batch_size, seed):
+            if pin:
+                same = y is x  # an SAE: the target is the input (the trainer relies on `y is x`)
+                x = x.pin_memory()
+                y = x if same else y.pin_memory()
+            yield x, y
+
+    def _batches(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for epoch in itertools.count():
             n = 0
             if self.y is None:

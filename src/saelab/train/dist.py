@@ -1,4 +1,5 @@
-"""Data-parallel training over torch.distributed (torchrun): gloo on CPU, nccl on GPU.
+"""Data-parallel training over torch.distributed (torchrun): gloo on CPU, nccl on GPU (each rank on
+cuda:LOCAL_RANK, its tensors there).
 
 Each rank takes rows rank::world of every global batch. Losses are written as sums over
 the rank's rows divided by global normalisers (total variance, token count), so summing
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from saelab.device import dist_backend
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,15 @@ class Dist:
             dist.barrier()
 
 
-def from_env() -> Dist:
-    """Join the process group torchrun set up (WORLD_SIZE > 1), else a single process."""
+def from_env(device: torch.device | None = None) -> Dist:
+    """Join the process group torchrun set up (WORLD_SIZE > 1), else a single process. The backend
+    follows the device the tensors live on: nccl for cuda:LOCAL_RANK, gloo for the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    device = device or torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(dist_backend(device))
     return Dist(dist.get_rank(), dist.get_world_size())

@@ -12,17 +12,57 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from saelab.config import FlyTrainConfig
+from saelab.activations.rows import kept_rows
+from saelab.config import Config
 from saelab.data.corpus import iter_documents
-from saelab.data.tokens import batches, contexts, keep_mask, shuffled
-from saelab.models.hooks import capture, resolve
+from saelab.data.tokens import Positions, batches, contexts, shuffled
+from saelab.device import resolve_device
+from saelab.models.hooks import resolve
 from saelab.models.load import LoadedModel, load_model
+from saelab.runs.ledger import check_ledger, record
+from saelab.runs.results import TrainResult
 from saelab.runs.rundir import RunDir
-from saelab.train.trainer import Trainer
+from saelab.saes.config import SAEConfig
+from saelab.train.trainer import OptimFields, Trainer
+
+
+class FlySAE(Config):
+    """One of several sparse coders trained on the fly from one pass of the model."""
+
+    name: str
+    hook: str = Field(..., description="input hook point")
+    hook_out: str | None = Field(None, description="output hook point (a transcoder) or None")
+    sae: SAEConfig = SAEConfig()
+    lr: float | None = None
+
+
+class FlyTrainConfig(OptimFields):
+    """Train several sparse coders on the fly from the model (no store), one forward pass feeding all."""
+
+    model: str = "smollm2"
+    text: str = "embedded"
+    text_field: str = "text"
+    ctx_len: int = Field(128, ge=2)
+    model_batch_size: int = Field(16, gt=0, description="contexts per forward pass")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    prepend_bos: bool = Field(True, description="start every context with the BOS token (then excluded)")
+    exclude_special: bool = Field(True, description="drop BOS, padding and other special tokens")
+    exclude_tokens: list[str | int] = Field([], description="more tokens to drop (as the tokenizer spells them, or ids)")
+    buffer_tokens: int = Field(65_536, gt=0, description="activations shuffled together before batching")
+    tokens: int = Field(1_000_000, gt=0, description="training tokens for every SAE")
+    runs_dir: str = "runs"
+    saes: list[FlySAE] = Field(..., min_length=1)
+
+    @property
+    def positions(self) -> Positions:
+        return Positions(self.prepend_bos, self.exclude_special, tuple(self.exclude_tokens))
+
 
 
 def activation_stream(loaded: LoadedModel, hooks: list[str], cfg: FlyTrainConfig) -> Iterator[dict[str, torch.Tensor]]:
@@ -38,11 +78,10 @@ def activation_stream(loaded: LoadedModel, hooks: list[str], cfg: FlyTrainConfig
     for epoch in itertools.count():
         ctxs = contexts(shuffled(docs, cfg.seed + epoch), tok, cfg.ctx_len, cfg.prepend_bos)
         for batch in batches(ctxs, cfg.model_batch_size, tok.pad_token_id):
-            acts = capture(model, list(hps.values()), batch.input_ids, batch.attention_mask)
-            keep, _ = keep_mask(batch, tok, True)
+            kept = kept_rows(model, list(hps.values()), batch, tok, cfg.positions)
             for h, hp in hps.items():
-                pending[h].append(acts[hp][keep].float())
-            n += int(keep.sum())
+                pending[h].append(kept.rows(hp).float())
+            n += kept.ctx.numel()
             if n < cfg.buffer_tokens:
                 continue
             pool = {h: torch.cat(v) for h, v in pending.items()}
@@ -61,12 +100,16 @@ def train_on_the_fly(cfg: FlyTrainConfig, loaded: LoadedModel | None = None, pro
     names = [s.name for s in cfg.saes]
     if len(set(names)) != len(names):
         raise ValueError(f"SAE names must be unique, got {names}")
-    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype)
+    device = resolve_device(cfg.device)
+    check_ledger(cfg)
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=device)
     model = loaded.model
     hooks = sorted({h for s in cfg.saes for h in (s.hook, s.hook_out) if h}, key=lambda h: resolve(model, h))
     d_model = model.config.hidden_size
     runs = [RunDir.prepare(f"{cfg.runs_dir}/{s.name}", cfg) for s in cfg.saes]
     if all(r.complete for r in runs):
+        for spec, run in zip(cfg.saes, runs, strict=True):
+            record(TrainResult.read(run.summary_file), run.path, cfg, ledger_id=_row_id(cfg, spec))
         return runs
     if any(r.complete for r in runs):
         raise ValueError("some of these SAEs finished and some did not; rerun the unfinished ones alone")
@@ -81,7 +124,7 @@ def train_on_the_fly(cfg: FlyTrainConfig, loaded: LoadedModel | None = None, pro
         sae_cfg = spec.sae.model_copy(update={"d_in": d_model, "d_out": d_model if transcoder else None})
         x = first[spec.hook]
         y = first[spec.hook_out] if transcoder else x
-        trainers.append(Trainer(sae_cfg, cfg, run, total_steps, (x, y), lr=spec.lr))
+        trainers.append(Trainer(sae_cfg, cfg, run, total_steps, (x, y), lr=spec.lr, device=device))
     start = trainers[0].step_no
     if any(t.step_no != start for t in trainers):
         raise ValueError("these SAEs were checkpointed at different steps; rerun them separately")
@@ -98,8 +141,14 @@ def train_on_the_fly(cfg: FlyTrainConfig, loaded: LoadedModel | None = None, pro
             t.step(acts[spec.hook], acts[spec.hook_out] if t.sae.cfg.transcoder else None)
         bar.update(1)
     bar.close()
-    for spec, t in zip(cfg.saes, trainers, strict=True):
+    for spec, t, run in zip(cfg.saes, trainers, runs, strict=True):
         meta = {"hook": spec.hook, "hook_out": spec.hook_out, "model": cfg.model, "model_source": loaded.source,
-                "store": None, "source": "on the fly"}
-        t.finish(meta, {"hook": spec.hook, "model": cfg.model})
+                "model_hash": loaded.content_hash, "store": None, "source": "on the fly",
+                "positions": cfg.positions.to_dict(), "ctx_len": cfg.ctx_len, "text": cfg.text}
+        record(t.finish(meta, source="on the fly"), run.path, cfg, ledger_id=_row_id(cfg, spec))  # a row per SAE
     return runs
+
+
+def _row_id(cfg: FlyTrainConfig, spec: FlySAE) -> str:
+    """Each SAE's ledger id: <ledger_id>-<name> when the user gave one, else generated ('')."""
+    return f"{cfg.ledger_id}-{spec.name}" if cfg.ledger_id else ""

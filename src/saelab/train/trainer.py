@@ -14,20 +14,59 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from saelab.config import OptimFields, SAEConfig, TrainConfig
+from saelab.config import StageConfig
+from saelab.data.tokens import Positions
+from saelab.device import check_fits, describe, peak_memory_bytes, reset_peak, resolve_device
 from saelab.io import atomic_write
+from saelab.runs.ledger import check_ledger, record
+from saelab.runs.results import TrainResult
 from saelab.runs.rundir import RunDir
 from saelab.saes import build_sae
 from saelab.saes.base import LossContext, geometric_median
+from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import select_dtype
 from saelab.train.data import StorePair
 from saelab.train.dist import Dist, from_env
+
+
+class OptimFields(StageConfig):
+    """Optimisation settings shared by store-fed and on-the-fly training."""
+
+    batch_size: int = Field(4096, gt=0, description="global batch (split across ranks under torchrun)")
+    lr: float | None = Field(None, gt=0, description="lr (default 2e-4 / sqrt(width / 2**14))")
+    optimizer: Literal["adam", "signum"] = Field("adam", description="Adam(0.9, 0.999) or signum (sign of momentum 0.9)")
+    warmup_steps: int = Field(20, ge=0)
+    decay_start: float = Field(0.8, ge=0, le=1, description="fraction of training after which lr decays linearly to 0")
+    b_dec_init: Literal["mean", "geometric_median", "zeros"] = "geometric_median"
+    normalize: bool = Field(True, description="scale inputs (and targets) so E||x||^2 = d during training; folded into the weights at save")
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(200, gt=0, description="steps between resumable checkpoints")
+    wandb: bool = Field(False, description="also log to Weights & Biases (respects WANDB_MODE=offline)")
+    wandb_project: str = "saelab"
+    seed: int = 0
+    smoke: bool = Field(False, description="a smoke run: labelled so, claims nothing")
+
+
+class TrainConfig(OptimFields):
+    """Train one sparse coder from an activation store (two row-aligned stores for a transcoder)."""
+
+    store: str = Field(..., description="activation store directory (from `saelab harvest`)")
+    store_out: str | None = Field(None, description="target store for a transcoder, row-aligned with `store`")
+    name: str = Field("sae", description="run name: the run directory is <runs_dir>/<name>")
+    runs_dir: str = "runs"
+    sae: SAEConfig = SAEConfig()
+    tokens: int | None = Field(None, gt=0, description="training tokens (default: one pass over the store)")
+    val_store: str | None = Field(None, description="store of held-out activations for validation FVU")
+    val_every: int = Field(100, gt=0, description="steps between validation metrics")
+    val_tokens: int = Field(16_384, gt=0)
+
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,18 +121,20 @@ class Trainer:
     """One sparse coder being trained. Call `step(x, y)` with this rank's rows of each batch."""
 
     def __init__(self, sae_cfg: SAEConfig, cfg: OptimFields, run: RunDir, total_steps: int,
-                 sample: tuple[torch.Tensor, torch.Tensor], lr: float | None = None, dist: Dist | None = None):
+                 sample: tuple[torch.Tensor, torch.Tensor], lr: float | None = None, dist: Dist | None = None,
+                 device: torch.device | None = None):
         self.cfg, self.run, self.total_steps = cfg, run, total_steps
         self.dist = dist or Dist()
-        self.sae = build_sae(sae_cfg, seed=cfg.seed)
+        self.device = device or torch.device("cpu")
+        self.sae = build_sae(sae_cfg, seed=cfg.seed).to(self.device)  # built on CPU: the same init everywhere
         self.lr = lr or cfg.lr or default_lr(sae_cfg.width)
         params = [contiguous_alias(p) for p in self.sae.parameters()]
         self._aliases = [(a, p) for a, p in zip(params, self.sae.parameters(), strict=True) if a is not p]
         self.opt = (torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), fused=True) if cfg.optimizer == "adam"
                     else Signum(params, lr=self.lr))
-        self.since_fired = torch.zeros(sae_cfg.width, dtype=torch.long)  # tokens since each latent fired
+        self.since_fired = torch.zeros(sae_cfg.width, dtype=torch.long, device=self.device)  # tokens since each fired
         self.step_no, self.wall_before = 0, 0.0
-        x, y = sample
+        x, y = (t.to(self.device) for t in sample)
         self.s_in = norm_scale(x) if cfg.normalize else 1.0
         self.s_out = (self.s_in if y is x else norm_scale(y)) if cfg.normalize else 1.0
         if run.state_file.is_file():
@@ -116,10 +157,10 @@ class Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, Any] | None:
         """One optimizer step on this rank's rows x [rows, d_in] (targets y [rows, d_out], None
         for an SAE); returns the metrics row when one is logged."""
-        cfg, sae = self.cfg, self.sae
-        x = x * self.s_in
-        y = x if y is None else y * self.s_out
-        n_local = torch.tensor([float(x.shape[0])])
+        cfg, sae, dev = self.cfg, self.sae, self.device
+        x = x.to(dev, non_blocking=True) * self.s_in
+        y = x if y is None else y.to(dev, non_blocking=True) * self.s_out
+        n_local = torch.tensor([float(x.shape[0])], device=dev)
         stats = self.dist.sum(torch.cat([n_local, y.sum(0), y.pow(2).sum().reshape(1)]).double())
         n, mean = stats[0], stats[1:-1] / stats[0]
         total_var = (stats[-1] - n * mean.pow(2).sum()).float()  # sum ||y - mean||^2, global
@@ -130,7 +171,7 @@ class Trainer:
         warm = sae.cfg.sparsity_warmup
         ctx = LossContext(total_var, int(n), dead, min(1.0, progress / warm) if warm else 1.0, progress)
         out = sae(x, y, ctx)
-        finite = self.dist.sum(torch.tensor([float(torch.isfinite(out.loss))]))
+        finite = self.dist.sum(torch.isfinite(out.loss).float().reshape(1))
         if finite.item() < self.dist.world:
             self.save_state()
             raise NonFiniteLossError(f"loss is {out.loss.item()} at step {self.step_no}; the state before "
@@ -146,7 +187,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)  # the aliases' gradients would outlive the step
         if sae.unit_norm_decoder:
             sae.set_decoder_unit_norm()
-        fired = torch.zeros(sae.cfg.width, dtype=torch.int32)
+        fired = torch.zeros(sae.cfg.width, dtype=torch.int32, device=dev)
         fired[out.active.flatten().unique()] = 1
         fired = self.dist.max(fired).bool()  # a latent is alive if it fired on any rank
         self.since_fired += int(n)
@@ -154,10 +195,11 @@ class Trainer:
         self.step_no += 1
         row = None
         if self.step_no % cfg.log_every == 0 or self.step_no == self.total_steps:
-            parts = self.dist.sum(torch.tensor([out.fvu.item(), out.aux_loss.item(), out.l0 * x.shape[0],
-                                                out.loss.item()], dtype=torch.float64))
-            row = {"step": self.step_no, "tokens": self.step_no * int(n), "loss": parts[3].item(),
-                   "fvu": parts[0].item(), "aux_loss": parts[1].item(), "l0": parts[2].item() / n.item(),
+            names = sorted(out.terms)  # losses are local sums over global normalisers: summing is global
+            parts = self.dist.sum(torch.stack([out.fvu, out.loss.detach(), torch.tensor(out.l0 * x.shape[0], device=dev),
+                                               *(out.terms[k] for k in names)]).double()).tolist()
+            row = {"step": self.step_no, "tokens": self.step_no * int(n), "loss": parts[1], "fvu": parts[0],
+                   "l0": parts[2] / n.item(), **{f"loss_{k}": v for k, v in zip(names, parts[3:], strict=True)},
                    "dead_fraction": float(dead.float().mean()), "lr": self.opt.param_groups[0]["lr"]}
             if self.dist.main:
                 self.run.append_metrics(row)
@@ -168,14 +210,16 @@ class Trainer:
         return row
 
     def save_state(self) -> None:
+        """The resumable state, saved from CPU copies: a run resumes on any device."""
         if not self.dist.main:
             return
         with atomic_write(self.run.state_file) as f:
-            torch.save({"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "since_fired": self.since_fired,
-                        "step": self.step_no, "wall_seconds": self.wall, "s_in": self.s_in, "s_out": self.s_out}, f)
+            torch.save(_to_cpu({"sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
+                                "since_fired": self.since_fired, "step": self.step_no, "wall_seconds": self.wall,
+                                "s_in": self.s_in, "s_out": self.s_out}), f)
 
     def _load_state(self) -> None:
-        state = torch.load(self.run.state_file, weights_only=True)
+        state = torch.load(self.run.state_file, weights_only=True, map_location=self.device)
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         for alias, p in self._aliases:
@@ -186,38 +230,54 @@ class Trainer:
                         raise ValueError(f"{self.run.state_file}: optimizer state {key!r} has shape "
                                          f"{tuple(v.shape)}, its parameter {tuple(alias.shape)}")
                     self.opt.state[alias][key] = v.t().contiguous()  # saved before W_enc's alias existed
-        self.since_fired = state["since_fired"]
+        self.since_fired = state["since_fired"].to(self.device)
         self.step_no, self.wall_before = int(state["step"]), float(state["wall_seconds"])
         self.s_in, self.s_out = float(state["s_in"]), float(state["s_out"])
 
-    def finish(self, meta: dict[str, Any], summary_extra: dict[str, Any]) -> None:
-        """Fold the normalisation into the weights, save the checkpoint, summary and manifest."""
+    def finish(self, meta: dict[str, Any], source: str = "store") -> TrainResult | None:
+        """Fold the normalisation into the weights, save the checkpoint (from CPU copies), summary
+        and manifest; returns the summary (rank 0; None on the other ranks).
+
+        meta: hook, hook_out, model, model_source, model_hash, store(s), positions (what the coder
+        reads, so every eval reads the same), kept in checkpoint/cfg.json."""
         if not self.dist.main:
-            return
+            return None
         sae, cfg = self.sae, self.sae.cfg
         sae.fold_input_scale(self.s_in, self.s_out)
         sae.save(self.run.checkpoint_dir, {**meta, "normalization": {
             "training_scale_in": self.s_in, "training_scale_out": self.s_out,
             "folded": True, "note": "weights take and return raw activations"}})
-        last = self.run.metrics()[-1]
+        last = [r for r in self.run.metrics() if "fvu" in r][-1]
         tokens = self.step_no * self.cfg.batch_size
         self.run.write_manifest(self.cfg.seed, self.wall, world_size=self.dist.world, **meta)
-        self.run.write_summary({
-            "stage": "train", "name": self.run.path.name, "smoke": self.cfg.smoke,
-            "verdict": "smoke" if self.cfg.smoke else "novel",
-            "architecture": cfg.architecture, "transcoder": cfg.transcoder, "skip": cfg.skip,
-            "d_in": cfg.d_in, "d_out": cfg.d_out or cfg.d_in, "width": cfg.width, "k": cfg.k,
-            "steps": self.step_no, "tokens": tokens, "lr": self.lr, "optimizer": self.cfg.optimizer,
-            "train_fvu_last": last["fvu"], "train_l0_last": last["l0"],
-            "dead_fraction": float((self.since_fired >= cfg.dead_tokens).float().mean()),
-            "dead_definition": f"no activation in the last {cfg.dead_tokens} training tokens",
-            "wall_seconds": round(self.wall, 2), "tokens_per_second": round(tokens / max(self.wall, 1e-9), 1),
-            "topk_select_dtype": str(select_dtype(cfg.topk_select_dtype)).removeprefix("torch."),
-            "world_size": self.dist.world, **summary_extra,
-        })
+        result = TrainResult(
+            name=self.run.path.name, smoke=self.cfg.smoke, source=source, architecture=cfg.architecture,
+            transcoder=cfg.transcoder, skip=cfg.skip, d_in=cfg.d_in, d_out=cfg.d_out or cfg.d_in, width=cfg.width,
+            k=cfg.k, steps=self.step_no, tokens=tokens, lr=self.lr, optimizer=self.cfg.optimizer,
+            train_fvu_last=last["fvu"], train_l0_last=last["l0"],
+            train_loss_terms_last={k.removeprefix("loss_"): v for k, v in last.items() if k.startswith("loss_")},
+            dead_fraction=float((self.since_fired >= cfg.dead_tokens).float().mean()),
+            dead_definition=f"no activation in the last {cfg.dead_tokens} training tokens",
+            wall_seconds=round(self.wall, 2), tokens_per_second=round(tokens / max(self.wall, 1e-9), 1),
+            topk_select_dtype=str(select_dtype(cfg.topk_select_dtype, self.device)).removeprefix("torch."),
+            world_size=self.dist.world, hook=meta["hook"], hook_out=meta.get("hook_out"), model=meta["model"],
+            seed=self.cfg.seed, device=describe(self.device), peak_memory_bytes=peak_memory_bytes(self.device))
+        result.write(self.run.summary_file)
         self.run.state_file.unlink(missing_ok=True)
         if self._wandb is not None:
             self._wandb.finish()
+        return result
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A state dict (nested) with every tensor on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _wandb_run(cfg: OptimFields, run: RunDir):
@@ -245,22 +305,29 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> RunDi
     sae_cfg = sae_cfg.model_copy(update={"d_in": data.d_in, "d_out": data.d_out if data.y is not None else None})
     if sae_cfg.aux_k is not None and sae_cfg.aux_k > sae_cfg.width:
         raise ValueError(f"aux_k ({sae_cfg.aux_k}) exceeds width ({sae_cfg.width})")
-    dist = from_env()
+    device = resolve_device(cfg.device)
+    dist = from_env(device)
     if cfg.batch_size % dist.world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {dist.world} ranks")
+    check_ledger(cfg)
     run = RunDir.prepare(f"{cfg.runs_dir}/{cfg.name}", cfg) if dist.main else RunDir(f"{cfg.runs_dir}/{cfg.name}")
     dist.barrier()
     if run.complete:
+        if dist.main:
+            record(TrainResult.read(run.summary_file), run.path, cfg)
         return run
     if run.state_file.is_file() and not resume:
         step = torch.load(run.state_file, weights_only=True)["step"]
         raise ValueError(f"run directory {run.path} holds an interrupted run (checkpoint at step {step}); "
                          "pass --resume to continue it, or choose another --name")
     total_steps = max(1, (cfg.tokens or data.n_tokens) // cfg.batch_size)
-    trainer = Trainer(sae_cfg, cfg, run, total_steps, data.sample(8192), dist=dist)
+    check_fits(device, train_bytes(sae_cfg, cfg.batch_size // dist.world), f"training {sae_cfg.architecture} "
+               f"width {sae_cfg.width} at batch {cfg.batch_size}", "lower batch_size or width")
+    reset_peak(device)
+    trainer = Trainer(sae_cfg, cfg, run, total_steps, data.sample(8192), dist=dist, device=device)
     if dist.main:
         run.truncate_metrics(trainer.step_no)
-    stream = data.batches(cfg.batch_size, cfg.seed)
+    stream = data.batches(cfg.batch_size, cfg.seed, pin=device.type == "cuda")
     for _ in range(trainer.step_no):  # replay the data order up to the resumed step
         next(stream)
     val = StorePair(cfg.val_store).sample(cfg.val_tokens)[0] if cfg.val_store else None
@@ -275,19 +342,32 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> RunDi
             run.append_metrics({"step": trainer.step_no, **validation_metrics(trainer, val)})
         bar.update(1)
     bar.close()
+    m = data.x.manifest
     meta = {"hook": data.x.hook, "hook_out": data.y.hook if data.y is not None else None, "model": data.x.model,
-            "model_source": data.x.manifest.get("model_source"), "store": str(data.x.path),
-            "store_out": str(data.y.path) if data.y is not None else None}
-    trainer.finish(meta, {"hook": data.x.hook, "model": data.x.model})
+            "model_source": m.get("model_source"), "model_hash": m.get("model_hash"), "store": str(data.x.path),
+            "store_out": str(data.y.path) if data.y is not None else None,
+            "positions": Positions.from_config(m.get("config")).to_dict(), "ctx_len": m.get("ctx_len")}
+    result = trainer.finish(meta)
+    if result is not None:
+        record(result, run.path, cfg)
     dist.barrier()
     return run
+
+
+def train_bytes(sae_cfg: SAEConfig, batch: int) -> int:
+    """A rough upper estimate of training memory on a device: weights with gradients and Adam's two
+    moments, and a few [batch, width] float32 activations (dense architectures keep several)."""
+    d_in, d_out, m = sae_cfg.d_in or 0, sae_cfg.d_out or sae_cfg.d_in or 0, sae_cfg.width
+    weights = 4 * (m * (d_in + d_out) + (d_in * d_out if sae_cfg.skip else 0))
+    acts = 4 * batch * m * (2 if sae_cfg.architecture in ("topk", "batchtopk", "matryoshka") else 5)
+    return 4 * weights + acts + 4 * 8 * batch * (d_in + d_out)
 
 
 @torch.no_grad()
 def validation_metrics(trainer: Trainer, x: torch.Tensor) -> dict[str, float]:
     """FVU and L0 of the current SAE on held-out activations (raw scale in, per-token encode)."""
     sae = trainer.sae
-    xs = x * trainer.s_in
+    xs = x.to(trainer.device) * trainer.s_in
     z = sae.encode(xs)
     err = xs - sae.decode(z, xs)
     return {"val_fvu": float(err.pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()),

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from saelab.config import SAEConfig
-from saelab.models.hooks import HookPoint
+from saelab.hookpoints import HookPoint
 from saelab.saes.base import SparseCoder, build_sae
+from saelab.saes.config import SAEConfig
 
 Meta = dict[str, Any]  # {"hook", "hook_out", "model", "format", ...} as in native cfg.json
 K_ARCHS = ("topk", "batchtopk", "matryoshka")
@@ -139,8 +139,7 @@ def hook_to_tl(name: str | None) -> str | None:
     """saelab 'resid_post.10' -> TransformerLens 'blocks.10.hook_resid_post' (SAELens hook names)."""
     if not name:
         return None
-    hp = HookPoint.parse(name)
-    return f"blocks.{hp.layer}.hook_{hp.kind}"
+    return HookPoint.parse(name).to_transformer_lens()
 
 
 def refuse(where: str, field: str, value: Any, why: str) -> ValueError:

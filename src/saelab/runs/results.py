@@ -1,0 +1,471 @@
+"""Typed results: one pydantic model per stage (and per eval of the suite).
+
+A stage returns one of these; the run directory stores it as JSON (`Result.write`), the
+ledger records its headline metrics and comparisons (`headline`, `comparisons`, `primary`),
+the CLI prints `table()`, and the report and dashboard read the same files back with
+`Result.read`. A comparison is always both sides, the difference, the 95% CIs and n.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from saelab.io import read_json, write_json
+
+R = TypeVar("R", bound="Result")
+
+
+class Comparison(BaseModel):
+    """Statistic A vs B on the same units: both sides, a - b, and percentile-bootstrap 95% CIs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    a: float
+    b: float
+    diff: float
+    a_ci95: list[float]
+    b_ci95: list[float]
+    diff_ci95: list[float]
+    n_units: int
+    unit: str
+    n_boot: int
+    method: str
+    sides: str = ""  # what a and b are, e.g. "a = SAE latents, b = residual stream"
+
+    @property
+    def conclusive(self) -> bool:
+        """The 95% CI of the difference excludes 0."""
+        lo, hi = self.diff_ci95
+        return not lo <= 0 <= hi
+
+    def cell(self) -> str:
+        lo, hi = self.diff_ci95
+        return f"{self.a:.4f} {self.b:.4f} {self.diff:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+class Estimate(BaseModel):
+    """A mean over independent units with its percentile-bootstrap 95% CI (no comparison)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: float
+    ci95: list[float]
+    n_units: int
+    n_boot: int = 0
+    method: str = ""
+
+
+class Result(BaseModel):
+    """What one stage computed. Subclasses name their stage, kind and file."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    STAGE: ClassVar[str] = ""
+    KIND: ClassVar[str] = ""
+    FILE: ClassVar[str] = ""  # file name in the run directory
+    PRIMARY: ClassVar[str | None] = None  # the comparison the ledger verdict is decided on
+
+    def primary(self) -> str | None:
+        """Name of the comparison (in `comparisons()`) the ledger verdict is decided on."""
+        return self.PRIMARY
+
+    def headline(self) -> dict[str, float]:
+        """The few numbers a ledger row and a results table show."""
+        return {}
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return {}
+
+    def facts(self) -> dict[str, Any]:
+        """Ledger fields this result knows (model, hook, tokens, seed, wall seconds, data, l0, ...)."""
+        return {}
+
+    def table(self) -> str:
+        return "\n".join(f"  {k:<34} {v:.4f}" for k, v in self.headline().items())
+
+    def write(self, path: str | Path) -> None:
+        write_json(path, self.model_dump(mode="json"))
+
+    @classmethod
+    def read(cls: type[R], path: str | Path) -> R:
+        return cls.model_validate(read_json(path))
+
+
+def _num(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: float(d[k]) for k in keys if d.get(k) is not None}
+
+
+class HarvestResult(Result):
+    """One activation store (its manifest holds the details)."""
+
+    STAGE: ClassVar[str] = "harvest"
+    KIND: ClassVar[str] = "store"
+    FILE: ClassVar[str] = "manifest.json"
+
+    model: str
+    model_source: str | None = None
+    model_hash: str | None = None
+    hook: str
+    d_in: int
+    n_tokens: int
+    dtype: str
+    text: str
+    split: str
+    excluded: dict[str, int]
+    seed: int
+    wall_seconds: float | None = None
+    device: str | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> HarvestResult:
+        m = read_json(path)
+        return cls(model=m["model"], model_source=m.get("model_source"), model_hash=m.get("model_hash"),
+                   hook=m["hook"], d_in=m["d_in"], n_tokens=m["n_tokens"], dtype=m["dtype"], text=m["text"],
+                   split=m["split"], excluded=m["excluded"], seed=m["config"].get("seed", 0),
+                   wall_seconds=m.get("wall_seconds"), device=m.get("device"))
+
+    def write(self, path: str | Path) -> None:  # the store writer owns manifest.json
+        raise NotImplementedError("a harvest result is the store's manifest, written by StoreWriter")
+
+    def headline(self) -> dict[str, float]:
+        out = {"tokens": float(self.n_tokens)}
+        if self.wall_seconds:
+            out["tokens_per_second"] = self.n_tokens / self.wall_seconds
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "model_hash": self.model_hash, "hook": self.hook, "tokens": self.n_tokens,
+                "seed": self.seed, "wall_seconds": self.wall_seconds, "data_source": self.text,
+                "data_slice": self.split, "device": self.device}
+
+
+class TrainResult(Result):
+    """A trained sparse coder (summary.json, written once when training ends)."""
+
+    STAGE: ClassVar[str] = "train"
+    KIND: ClassVar[str] = "sae"
+    FILE: ClassVar[str] = "summary.json"
+
+    stage: str = "train"
+    name: str
+    smoke: bool = False
+    source: str = "store"  # "store" or "on the fly"
+    architecture: str
+    transcoder: bool
+    skip: bool
+    d_in: int
+    d_out: int
+    width: int
+    k: int
+    steps: int
+    tokens: int
+    lr: float
+    optimizer: str
+    train_fvu_last: float
+    train_l0_last: float
+    train_loss_terms_last: dict[str, float] = {}
+    dead_fraction: float
+    dead_definition: str
+    wall_seconds: float
+    tokens_per_second: float
+    topk_select_dtype: str
+    world_size: int
+    hook: str
+    hook_out: str | None = None
+    model: str
+    seed: int = 0
+    device: str | None = None
+    peak_memory_bytes: int | None = None
+
+    # older summaries' extras: the core eval's headline now stays in eval.json (summary.json is
+    # never rewritten, so the checksum its ledger row holds stays true)
+    LEGACY: ClassVar[tuple[str, ...]] = ("verdict", "quickstart_seconds", "run_dir", "eval")
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrainResult:
+        return cls.model_validate({k: v for k, v in read_json(path).items() if k not in cls.LEGACY})
+
+    def headline(self) -> dict[str, float]:
+        out = {"train_fvu": self.train_fvu_last, "train_l0": self.train_l0_last, "dead_fraction": self.dead_fraction,
+               "tokens_per_second": self.tokens_per_second}
+        return out | {f"train_{k}": v for k, v in self.train_loss_terms_last.items() if k != "fvu"}
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook if not self.hook_out else f"{self.hook}->{self.hook_out}",
+                "architecture": self.architecture, "width": self.width, "l0": self.train_l0_last,
+                "tokens": self.tokens, "seed": self.seed, "wall_seconds": self.wall_seconds,
+                "data_source": self.source, "data_slice": "train", "smoke": self.smoke, "device": self.device,
+                "peak_memory_bytes": self.peak_memory_bytes}
+
+
+class CoreResult(Result):
+    """SAEBench core metrics on held-out text (eval.json)."""
+
+    STAGE: ClassVar[str] = "eval"
+    KIND: ClassVar[str] = "core"
+    FILE: ClassVar[str] = "eval.json"
+
+    stage: str = "eval"
+    suite: str = "core"
+    run: str | None = None
+    model: str
+    hook: str
+    text: str
+    split: str
+    seed: int = 0
+    eval_tokens: int
+    explained_variance: float
+    fvu: float
+    explained_variance_legacy: float
+    mse: float
+    l0: float
+    l1: float
+    cosine_similarity: float
+    l2_ratio: float
+    relative_reconstruction_bias: float
+    dead_fraction: float
+    dead_latents: int
+    dense_fraction: dict[str, float]
+    dense_latents: dict[str, int]
+    feature_density_histogram: dict[str, Any]
+    ce_tokens: int
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_zero_all_positions: float
+    ce_mean: float | None = None
+    ce_loss_recovered: float
+    ce_loss_recovered_all_positions_zeroed: float
+    ce_loss_recovered_mean_ablation: float | None = None
+    kl_to_clean: float
+    positions: dict[str, Any]
+    similar_decoder_pairs: list[dict[str, Any]]
+    definitions: dict[str, str]
+    wall_seconds: dict[str, float]
+    device: str | None = None
+    peak_memory_bytes: int | None = None
+    config: dict[str, Any] = {}
+
+    HEADLINE: ClassVar[tuple[str, ...]] = (
+        "explained_variance", "fvu", "mse", "l0", "l1", "cosine_similarity", "l2_ratio",
+        "relative_reconstruction_bias", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_zero_all_positions",
+        "ce_mean", "ce_loss_recovered", "ce_loss_recovered_all_positions_zeroed", "ce_loss_recovered_mean_ablation",
+        "kl_to_clean", "eval_tokens", "ce_tokens")
+
+    def headline(self) -> dict[str, float]:
+        return _num(self.model_dump(), self.HEADLINE)
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "l0": self.l0, "tokens": self.eval_tokens, "seed": self.seed,
+                "wall_seconds": self.wall_seconds.get("total"), "data_source": self.text, "data_slice": self.split,
+                "device": self.device, "peak_memory_bytes": self.peak_memory_bytes}
+
+    def table(self) -> str:
+        rows = {"explained_variance_legacy": self.explained_variance_legacy, **self.headline()}
+        lines = [f"  {k:<34} {v:.4f}" for k, v in rows.items() if k not in ("eval_tokens", "ce_tokens")]
+        lines += [f"  {'dense_fraction > ' + t:<34} {v:.4f}" for t, v in self.dense_fraction.items()]
+        return "\n".join(lines)
+
+
+class _SuiteEval(Result):
+    """An eval of the suite other than core (eval_<kind>.json)."""
+
+    STAGE: ClassVar[str] = "eval"
+
+    stage: str = "eval"
+    suite: str
+    run: str | None = None
+    model: str | None = None
+    hook: str | None = None
+    seed: int = 0
+    eval_wall_seconds: float | None = None
+    device: str | None = None
+    config: dict[str, Any] = {}
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "seed": self.seed, "wall_seconds": self.eval_wall_seconds,
+                "device": self.device}
+
+
+class ProbingTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    groups: int
+    label_balance: dict[str, int]
+    source: str
+    accuracy: dict[str, float]
+    comparisons: dict[str, Comparison]
+    test_examples: int
+    comparison_sides: str
+    wall_seconds: float
+
+
+class ProbingResult(_SuiteEval):
+    """SAEBench sparse probing on labelled tasks (eval_probing.json)."""
+
+    KIND: ClassVar[str] = "probing"
+    FILE: ClassVar[str] = "eval_probing.json"
+
+    suite: str = "probing"
+    tasks: dict[str, ProbingTask]
+    skipped: dict[str, str]
+    ks: list[int]
+    pooled: dict[str, Comparison]  # every task's test examples together
+    method: str
+
+    def primary(self) -> str | None:
+        return f"pooled_k{self.ks[0]}"  # SAEBench's headline: top-1 (the smallest k) accuracy
+
+    def comparisons(self) -> dict[str, Comparison]:
+        out = {f"pooled_{k}": c for k, c in self.pooled.items()}
+        for t, v in self.tasks.items():
+            out |= {f"{t}_{k}": c for k, c in v.comparisons.items() if "_vs_" not in k}
+        return out
+
+    def headline(self) -> dict[str, float]:
+        out = {}
+        for k, c in self.pooled.items():
+            out |= {f"sae_{k}_accuracy": c.a, f"resid_{k}_accuracy": c.b}
+        return out
+
+    def table(self) -> str:
+        lines = ["probing (test accuracy; SAE top-k vs residual top-k, diff [95% CI])",
+                 f"  {'task':<16} " + " ".join(f"{'k=' + str(k):>26}" for k in self.ks) + f" {'all vs full resid':>26}"]
+        for t, v in {**self.tasks, "pooled": None}.items():
+            cmps = self.pooled if v is None else v.comparisons
+            cells = []
+            for key in [f"k{k}" for k in self.ks] + ["all"]:
+                c = cmps[key]
+                cells.append(f"{c.a:.2f}/{c.b:.2f} {c.diff:+.2f}[{c.diff_ci95[0]:+.2f},{c.diff_ci95[1]:+.2f}]")
+            lines.append(f"  {t:<16} " + " ".join(f"{x:>26}" for x in cells))
+        lines += [f"  {t:<16} skipped: {why}" for t, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+class AbsorptionResult(_SuiteEval):
+    """First-letter feature absorption (eval_absorption.json)."""
+
+    KIND: ClassVar[str] = "absorption"
+    FILE: ClassVar[str] = "eval_absorption.json"
+
+    suite: str = "absorption"
+    words: int
+    word_source: str
+    letters: int
+    absorption_fraction: Estimate
+    full_absorption_rate: Estimate
+    split_latents_total: int
+    letters_with_split: int
+    mean_probe_f1: float
+    mean_sparse_probe_f1_k1: float
+    per_letter: dict[str, dict[str, Any]]
+    wall_seconds: float
+    method: str
+
+    def headline(self) -> dict[str, float]:
+        return {"absorption_fraction": self.absorption_fraction.mean, "full_absorption_rate":
+                self.full_absorption_rate.mean, "split_latents_total": float(self.split_latents_total),
+                "mean_probe_f1": self.mean_probe_f1, "mean_sparse_probe_f1_k1": self.mean_sparse_probe_f1_k1}
+
+    def table(self) -> str:
+        def ci(e: Estimate) -> str:
+            return f"{e.mean:.4f} [{e.ci95[0]:+.3f}, {e.ci95[1]:+.3f}]"
+        return "\n".join([
+            f"absorption ({self.letters} letters, {self.words} words)",
+            f"  {'absorption_fraction':<34} {ci(self.absorption_fraction)}",
+            f"  {'full_absorption_rate':<34} {ci(self.full_absorption_rate)}",
+            f"  {'split latents (letters with split)':<34} {self.split_latents_total} ({self.letters_with_split})",
+            f"  {'mean probe F1 (residual / SAE k=1)':<34} {self.mean_probe_f1:.3f} / {self.mean_sparse_probe_f1_k1:.3f}"])
+
+
+class ControlResult(_SuiteEval):
+    """Randomized-model control: real - random on the same units (eval_control.json)."""
+
+    KIND: ClassVar[str] = "control"
+    FILE: ClassVar[str] = "eval_control.json"
+    PRIMARY: ClassVar[str | None] = "explained_variance"
+
+    suite: str = "control"
+    comparison_sides: str
+    gaps: dict[str, Comparison]
+    probing_skipped: dict[str, str]
+    random_run: str
+    random_core: dict[str, float]
+    budget: dict[str, int]
+    wall_seconds: dict[str, float]
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return dict(self.gaps)
+
+    def headline(self) -> dict[str, float]:
+        out = {}
+        for k, g in self.gaps.items():
+            out |= {f"{k}_real": g.a, f"{k}_random": g.b}
+        return out
+
+    def table(self) -> str:
+        return "\n".join(["randomized-model control (real, random, real - random [95% CI])",
+                          *(f"  {k:<34} {g.cell()}" for k, g in self.gaps.items())])
+
+
+class QuickstartResult(Result):
+    """harvest -> train -> core eval on the embedded defaults (quickstart.json)."""
+
+    STAGE: ClassVar[str] = "quickstart"
+    KIND: ClassVar[str] = "pipeline"
+    FILE: ClassVar[str] = "quickstart.json"
+
+    model: str
+    hook: str
+    store: str
+    run_dir: str
+    architecture: str
+    width: int
+    k: int
+    d_in: int
+    train_tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    seed: int
+    eval: dict[str, float]
+    seconds: dict[str, float]  # harvest, train, eval, total: of the run that did the work
+
+    def headline(self) -> dict[str, float]:
+        return {k: self.eval[k] for k in ("explained_variance", "l0", "ce_loss_recovered", "kl_to_clean",
+                                          "dead_fraction") if k in self.eval}
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "architecture": self.architecture, "width": self.width,
+                "l0": self.eval.get("l0"), "tokens": self.train_tokens, "seed": self.seed,
+                "wall_seconds": self.seconds.get("total"), "data_source": "embedded", "data_slice": "train/validation"}
+
+    def table(self) -> str:
+        e = self.eval
+        rows = [
+            ("model / hook", f"{self.model} / {self.hook}"),
+            ("SAE", f"{self.architecture}  width {self.width}  k {self.k}  d_in {self.d_in}"),
+            ("trained on", f"{self.train_tokens:,} tokens in {self.train_seconds:.0f} s "
+                           f"({self.tokens_per_second:,.0f} tok/s)"),
+            ("explained variance", f"{e['explained_variance']:.3f}   (FVU {e['fvu']:.3f}, MSE {e['mse']:.4g})"),
+            ("L0", f"{e['l0']:.1f}"),
+            ("CE loss recovered", f"{e['ce_loss_recovered']:.3f}   (clean {e['ce_clean']:.3f}, SAE {e['ce_sae']:.3f}, "
+                                  f"zero-ablated {e['ce_zero']:.3f} nats)"),
+            ("KL to clean", f"{e['kl_to_clean']:.4f} nats/token"),
+            ("dead latents", f"{e['dead_fraction']:.4f} of latents never fired on {int(e['eval_tokens']):,} eval tokens"),
+            ("eval tokens", f"{int(e['eval_tokens']):,} reconstruction, {int(e['ce_tokens']):,} CE (validation split)"),
+            ("wall time", f"{self.seconds['total']:.0f} s (harvest {self.seconds['harvest']:.0f}, train "
+                          f"{self.seconds['train']:.0f}, eval {self.seconds['eval']:.0f})"),
+            ("run directory", self.run_dir),
+        ]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+EVAL_RESULTS: dict[str, type[Result]] = {"core": CoreResult, "probing": ProbingResult,
+                                         "absorption": AbsorptionResult, "control": ControlResult}
+RESULTS: tuple[type[Result], ...] = (TrainResult, *EVAL_RESULTS.values(), QuickstartResult)
