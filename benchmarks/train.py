@@ -26,6 +26,13 @@ from datetime import date
 import torch
 
 D, WIDTH, K, BATCH = 576, 9216, 32, 4096
+DEVICE = torch.device("cpu")  # --device: every library trains there (sparsify uses its Triton kernels on CUDA)
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a timer measures it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def synthetic(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -44,12 +51,14 @@ def synthetic(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n_rep: int = 7) -> float:
     """Measured GFLOP/s of the encoder-forward matmul [BATCH, D] x [D, WIDTH] in dtype."""
-    a, b = torch.randn(BATCH, D, dtype=dtype), torch.randn(D, WIDTH, dtype=dtype)
+    a, b = torch.randn(BATCH, D, dtype=dtype, device=DEVICE), torch.randn(D, WIDTH, dtype=dtype, device=DEVICE)
     torch.mm(a, b)
     ts = []
     for _ in range(n_rep):
+        sync()
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         ts.append(time.perf_counter() - t)
     return 2 * BATCH * D * WIDTH / statistics.median(ts) / 1e9
 
@@ -73,7 +82,7 @@ def make_saelab(select: str = "auto", arch: str = "topk", normalize: bool = True
                           decay_start=1.0, log_every=10**9, checkpoint_every=10**9)
         sae_cfg = SAEConfig(architecture=arch, d_in=D, width=WIDTH, k=K, topk_select_dtype=select,
                             dead_tokens=dead_after)
-        t = Trainer(sae_cfg, cfg, run, total_steps, (sample, sample))
+        t = Trainer(sae_cfg, cfg, run, total_steps, (sample, sample), device=DEVICE)
 
         def reconstruct(x):
             with torch.no_grad():
@@ -87,11 +96,11 @@ def make_sparsify():
 
     def init(sample, lr, total_steps, dead_after):
         torch.manual_seed(0)
-        sae = SparseCoder(D, SparseCoderConfig(num_latents=WIDTH, k=K), device="cpu")
+        sae = SparseCoder(D, SparseCoderConfig(num_latents=WIDTH, k=K), device=DEVICE)
         with torch.no_grad():
             sae.b_dec.copy_(sample.mean(0))
         opt = torch.optim.Adam(sae.parameters(), lr=lr)
-        since = torch.zeros(WIDTH, dtype=torch.long)
+        since = torch.zeros(WIDTH, dtype=torch.long, device=DEVICE)
 
         def step(x):
             dead = since >= dead_after
@@ -120,7 +129,7 @@ def make_saelens(sparse: bool):
         torch.manual_seed(0)
         # sparse activations fail in backward with the default rescale_acts_by_decoder_norm=True
         # (sae-lens 6.54.12, torch 2.13: aten::view on SparseCPU), so the sparse variant turns it off
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=WIDTH, k=K, dtype="float32", device="cpu",
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=WIDTH, k=K, dtype="float32", device=str(DEVICE),
                                                     use_sparse_activations=sparse,
                                                     rescale_acts_by_decoder_norm=not sparse))
         with torch.no_grad():
@@ -159,8 +168,10 @@ def run_one(init, data, holdout, steps, warmup, lr, dead_after):
     times = []
     for i in range(steps + warmup):
         x = data[i * BATCH:(i + 1) * BATCH]
+        sync()
         t = time.perf_counter()
         step(x)
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return {"tokens_per_s": BATCH / statistics.median(times), "fvu": fvu(holdout, reconstruct(holdout))}
@@ -181,8 +192,13 @@ def main() -> None:
     ap.add_argument("--archs", default="relu,topk,batchtopk,jumprelu,gated,matryoshka,panneal",
                     help="saelab architectures to time (a few steps each); empty to skip")
     ap.add_argument("--arch-repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: every library trains there")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
+    global DEVICE
+    from saelab.device import describe, resolve_device
+
+    DEVICE = resolve_device(args.device)
     n = (args.steps + args.warmup) * BATCH
     if args.data == "real":
         from saelab.activations.store import ActivationStore
@@ -190,7 +206,7 @@ def main() -> None:
         data = ActivationStore(args.store).all_acts(max_rows=n + 8192)
     else:
         data = synthetic(n + 8192, D)
-    data, holdout = data[:n], data[n:n + 8192]
+    data, holdout = data[:n].to(DEVICE), data[n:n + 8192].to(DEVICE)
     libs = args.libs.split(",")
     results = {lib: [] for lib in libs}
     peaks, peaks_bf16 = [], []
@@ -219,7 +235,7 @@ def main() -> None:
         archs[arch] = round(statistics.median(rs))
         print(f"arch {arch}: {archs[arch]} tok/s", flush=True)
     report = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} torch threads", "data": args.data, "d_in": D, "width": WIDTH, "k": K,
+              f"{torch.get_num_threads()} torch threads", "device": describe(DEVICE), "data": args.data, "d_in": D, "width": WIDTH, "k": K,
               "batch": BATCH, "optimizer": f"Adam lr {args.lr:.3g}", "dead_after_tokens": args.dead_after, "tokens_trained": args.steps * BATCH + args.warmup * BATCH,
               "matmul_fp32_gflops": round(peak, 1), "token_limit_per_s": round(peak * 1e9 / flop_per_token),
               "matmul_bf16_gflops": round(peak_bf16, 1),

@@ -246,6 +246,7 @@ def test_rebuild_from_run_directories_equals_the_live_ledger(tmp_path):
     live = tmp_path / "live.sqlite"
     led = Ledger(live)
     runs = tmp_path / "runs"
+    led.predict("mine-1", "explained_variance.diff", ">= 0.1", source="a paper")
     a = record_into(live, runs / "a", ledger_id="mine-1")
     b = record_into(live, runs / "b")
     record_into(live, runs / "b", control_result(diff=0.01))  # supersedes b automatically

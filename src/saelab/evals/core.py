@@ -27,7 +27,7 @@ from saelab.activations.rows import kept_rows
 from saelab.config import Config
 from saelab.data.corpus import iter_documents
 from saelab.data.tokens import Batch, Positions, batches, contexts, keep_mask, shuffled
-from saelab.device import describe, peak_memory_bytes, reset_peak
+from saelab.device import check_fits, describe, peak_memory_bytes, reset_peak
 from saelab.evals.metrics import (
     Moments,
     ce_loss_recovered,
@@ -83,6 +83,13 @@ DEFINITIONS = {
 }
 
 
+def ce_bytes(cfg: CoreConfig, loaded: LoadedModel) -> int:
+    """A rough upper estimate of the CE/KL eval's memory beyond the model: one forward's float32
+    logits [batch, ctx, vocab] with its log-softmax, and the clean and spliced ones kept for the KL."""
+    vocab = getattr(loaded.model.config, "vocab_size", 0) or 0
+    return 6 * 4 * cfg.batch_size * cfg.ctx_len * vocab
+
+
 def validation_batches(cfg: CoreConfig, loaded: LoadedModel, positions: Positions):
     """Seeded contexts of the held-out split, batched (BOS first if the coder was trained so)."""
     docs = shuffled(iter_documents(cfg.text, cfg.split, cfg.text_field), cfg.seed)
@@ -97,6 +104,8 @@ def core_eval(cfg: CoreConfig, sae: SparseCoder, loaded: LoadedModel, hp: HookPo
     """Every core metric for one SAE at one hook point of the model, on held-out text."""
     device = loaded.device
     sae = sae.to(device).eval()
+    check_fits(device, ce_bytes(cfg, loaded), f"the CE/KL eval at batch {cfg.batch_size} x {cfg.ctx_len} tokens",
+               "lower batch_size (e.g. --set batch_size=4)")
     reset_peak(device)
     t0 = time.perf_counter()
     recon = reconstruction_metrics(sae, loaded, hp, validation_batches(cfg, loaded, positions), cfg.tokens,

@@ -289,7 +289,8 @@ class Ledger:
             n += 1
         return f"{stage}-{n:04d}"
 
-    def predict(self, row_id: str, metric: str, expect: str, source: str = "") -> dict[str, Any]:
+    def predict(self, row_id: str, metric: str, expect: str, source: str = "",
+                created_utc: str | None = None) -> dict[str, Any]:
         """Pre-register what a run's metric should be, before the run lands."""
         _, _, canonical = parse_expect(expect)
         _check_id(row_id)
@@ -298,7 +299,7 @@ class Ledger:
                 raise LedgerError(f"a result is already recorded as {row_id!r}: a prediction is registered "
                                   "before its run lands and cannot be edited after")
             con.execute("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?)",
-                        (row_id, metric, canonical, source, now_utc()))
+                        (row_id, metric, canonical, source, created_utc or now_utc()))
         return self.prediction(row_id)
 
     def prediction(self, row_id: str) -> dict[str, Any] | None:
@@ -461,8 +462,11 @@ def result_text(r: dict[str, Any]) -> str:
     if r["cmp_name"]:
         return (f"{r['cmp_name']}: {r['cmp_a']:.4g} vs {r['cmp_b']:.4g}, diff {r['cmp_diff']:+.4g} "
                 f"[{r['cmp_lo']:+.4g}, {r['cmp_hi']:+.4g}], n={r['cmp_n']} {r['cmp_unit']}s")
-    m = r["metrics"]
-    return ", ".join(f"{k} {v:.4g}" for k, v in list(m.items())[:3])
+    return ", ".join(f"{k} {_num(v)}" for k, v in list(r["metrics"].items())[:3])
+
+
+def _num(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() and abs(v) >= 1000 else f"{v:.4g}"
 
 
 def _md(text: str) -> str:
@@ -595,10 +599,14 @@ def record(result: Result, run_dir: str | Path, cfg: Any = None, *, result_file:
         config_hash=config_hash or (cfg.hash() if cfg is not None and hasattr(cfg, "hash") else None),
         ledger_id=(ledger_id if ledger_id is not None else getattr(cfg, "ledger_id", None)) or None,
         notes=notes if notes is not None else getattr(cfg, "notes", "") or "")
-    row_id, inserted = Ledger(path).insert(row, comparisons)
-    if inserted:
-        _append_log(run_dir, {"event": "record", "row": {**row, "id": row_id}, "comparisons": comparisons})
-    return Recorded(row_id, inserted, Ledger(path).row(row_id)["verdict"])
+    led = Ledger(path)
+    row_id, inserted = led.insert(row, comparisons)
+    stored = led.row(row_id)
+    if inserted:  # the row as stored (its verdict decided), and the prediction it was held against
+        logged = {**{k: stored[k] for k in ROW_COLUMNS}, "metrics": json.dumps(stored["metrics"])}
+        _append_log(run_dir, {"event": "record", "row": logged,
+                              "comparisons": comparisons, "prediction": stored["prediction"]})
+    return Recorded(row_id, inserted, stored["verdict"])
 
 
 def check_ledger(cfg: Any) -> None:
@@ -670,6 +678,8 @@ def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
     replayed = 0
     for e in sorted(events, key=when):
         if e["event"] == "record":
+            if p := e.get("prediction"):
+                led.predict(p["id"], p["metric"], p["expect"], p["source"], created_utc=p["created_utc"])
             _, inserted = led.insert(e["row"], e["comparisons"])
             replayed += inserted
         elif e["event"] == "verdict":

@@ -176,6 +176,7 @@ class TrainResult(Result):
     hook: str
     hook_out: str | None = None
     model: str
+    text: str | None = None  # the text source the activations came from
     seed: int = 0
     device: str | None = None
     peak_memory_bytes: int | None = None
@@ -197,7 +198,8 @@ class TrainResult(Result):
         return {"model": self.model, "hook": self.hook if not self.hook_out else f"{self.hook}->{self.hook_out}",
                 "architecture": self.architecture, "width": self.width, "l0": self.train_l0_last,
                 "tokens": self.tokens, "seed": self.seed, "wall_seconds": self.wall_seconds,
-                "data_source": self.source, "data_slice": "train", "smoke": self.smoke, "device": self.device,
+                "data_source": self.text or self.source, "data_slice": f"train ({self.source})", "smoke": self.smoke,
+                "device": self.device,
                 "peak_memory_bytes": self.peak_memory_bytes}
 
 
@@ -249,11 +251,11 @@ class CoreResult(Result):
     peak_memory_bytes: int | None = None
     config: dict[str, Any] = {}
 
-    HEADLINE: ClassVar[tuple[str, ...]] = (
-        "explained_variance", "fvu", "mse", "l0", "l1", "cosine_similarity", "l2_ratio",
-        "relative_reconstruction_bias", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_zero_all_positions",
-        "ce_mean", "ce_loss_recovered", "ce_loss_recovered_all_positions_zeroed", "ce_loss_recovered_mean_ablation",
-        "kl_to_clean", "eval_tokens", "ce_tokens")
+    HEADLINE: ClassVar[tuple[str, ...]] = (  # the first three are what a one-line summary shows
+        "explained_variance", "ce_loss_recovered", "kl_to_clean", "fvu", "mse", "l0", "l1", "cosine_similarity",
+        "l2_ratio", "relative_reconstruction_bias", "dead_fraction", "ce_clean", "ce_sae", "ce_zero",
+        "ce_zero_all_positions", "ce_mean", "ce_loss_recovered_all_positions_zeroed",
+        "ce_loss_recovered_mean_ablation", "eval_tokens", "ce_tokens")
 
     def headline(self) -> dict[str, float]:
         return _num(self.model_dump(), self.HEADLINE)
@@ -436,7 +438,7 @@ class QuickstartResult(Result):
     seconds: dict[str, float]  # harvest, train, eval, total: of the run that did the work
 
     def headline(self) -> dict[str, float]:
-        return {k: self.eval[k] for k in ("explained_variance", "l0", "ce_loss_recovered", "kl_to_clean",
+        return {k: self.eval[k] for k in ("explained_variance", "ce_loss_recovered", "kl_to_clean", "l0",
                                           "dead_fraction") if k in self.eval}
 
     def facts(self) -> dict[str, Any]:

@@ -261,6 +261,7 @@ class Trainer:
             wall_seconds=round(self.wall, 2), tokens_per_second=round(tokens / max(self.wall, 1e-9), 1),
             topk_select_dtype=str(select_dtype(cfg.topk_select_dtype, self.device)).removeprefix("torch."),
             world_size=self.dist.world, hook=meta["hook"], hook_out=meta.get("hook_out"), model=meta["model"],
+            text=meta.get("text"),
             seed=self.cfg.seed, device=describe(self.device), peak_memory_bytes=peak_memory_bytes(self.device))
         result.write(self.run.summary_file)
         self.run.state_file.unlink(missing_ok=True)
@@ -346,7 +347,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> RunDi
     meta = {"hook": data.x.hook, "hook_out": data.y.hook if data.y is not None else None, "model": data.x.model,
             "model_source": m.get("model_source"), "model_hash": m.get("model_hash"), "store": str(data.x.path),
             "store_out": str(data.y.path) if data.y is not None else None,
-            "positions": Positions.from_config(m.get("config")).to_dict(), "ctx_len": m.get("ctx_len")}
+            "positions": Positions.from_config(m.get("config")).to_dict(), "ctx_len": m.get("ctx_len"),
+            "text": m.get("text")}
     result = trainer.finish(meta)
     if result is not None:
         record(result, run.path, cfg)
