@@ -32,6 +32,9 @@ def test_torchrun_ranks_pick_their_local_gpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "2")
     assert resolve_device("auto") == torch.device("cuda", 2) == resolve_device("cuda")
+    with pytest.raises(ValueError, match="would put every rank on one GPU"):
+        resolve_device("cuda:3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
     assert resolve_device("cuda:3") == torch.device("cuda", 3)
     with pytest.raises(ValueError, match="has 4 GPU"):
         resolve_device("cuda:7")

@@ -148,7 +148,8 @@ def test_a_run_from_before_the_ledger_is_backfilled_by_rebuild(tiny_sae_run, tmp
     (run / "ledger.jsonl").unlink()
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "verdict": "novel"}))  # as older saelab wrote it
-    assert rebuild(tmp_path / "runs", tmp_path / "l.sqlite") == {"replayed": 0, "backfilled": 1}
+    assert rebuild(tmp_path / "runs", tmp_path / "l.sqlite") == {"replayed": 0, "backfilled": 1, "skipped_events": 0,
+                                                               "unreadable_files": 0}
     (row,) = Ledger(tmp_path / "l.sqlite").rows()
     assert row["stage"] == "train" and "backfilled" in row["notes"] and row["cpu"]  # provenance from manifest.json
 

@@ -243,9 +243,9 @@ def test_only_rank_zero_records_and_none_turns_it_off(tmp_path, monkeypatch):
 
 
 def test_rebuild_from_run_directories_equals_the_live_ledger(tmp_path):
-    live = tmp_path / "live.sqlite"
-    led = Ledger(live)
     runs = tmp_path / "runs"
+    live = runs / "ledger.sqlite"  # the default place: its journal (predictions, hand-made changes) is under runs/
+    led = Ledger(live)
     led.predict("mine-1", "explained_variance.diff", ">= 0.1", source="a paper")
     a = record_into(live, runs / "a", ledger_id="mine-1")
     b = record_into(live, runs / "b")
@@ -254,7 +254,9 @@ def test_rebuild_from_run_directories_equals_the_live_ledger(tmp_path):
     led.supersede(a.id, b.id, "because")
     led.add_note(b.id, "a note")
     rebuilt = tmp_path / "rebuilt.sqlite"
-    assert rebuild(runs, rebuilt) == {"replayed": 3, "backfilled": 0}
+    led.predict("pending-1", "explained_variance.diff", "> 0")  # its run has not landed yet
+    assert rebuild(runs, rebuilt) == {"replayed": 3, "backfilled": 0, "skipped_events": 0, "unreadable_files": 0}
+    assert Ledger(rebuilt).prediction("pending-1")["expect"] == "> 0"
 
     def facts(path):
         out = []
@@ -267,3 +269,48 @@ def test_rebuild_from_run_directories_equals_the_live_ledger(tmp_path):
     assert facts(rebuilt) == facts(live)
     with pytest.raises(LedgerError, match="exists"):
         rebuild(runs, rebuilt)
+
+
+def test_rebuild_survives_copied_and_moved_runs_and_a_second_ledger(tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    led = Ledger(runs / "ledger.sqlite")
+    a = record_into(runs / "ledger.sqlite", runs / "a")
+    led.set_verdict(a.id, "inconclusive", "by hand")
+    shutil.copytree(runs / "a", runs / "a-copy")  # the copy's log names the same id
+    record_into(tmp_path / "other.sqlite", runs / "b")  # a second ledger logged into the same runs: eval-0001 again
+    shutil.move(runs / "b", runs / "b-moved")
+    counts = rebuild(runs, tmp_path / "rebuilt.sqlite")
+    assert counts["replayed"] == 3 and not (tmp_path / ".rebuilt.sqlite.rebuilding").exists()
+    rows = {Path(r["run_dir"]).name: r for r in Ledger(tmp_path / "rebuilt.sqlite").rows()}
+    assert set(rows) == {"a", "a-copy", "b-moved"} and len({r["id"] for r in rows.values()}) == 3
+    assert rows["a"]["verdict"] == "inconclusive"  # the verdict set by hand follows the original row
+
+
+def test_a_rerun_under_the_same_id_supersedes_it_and_a_taken_id_is_refused_before_work(tmp_path):
+    from saelab.runs.ledger import check_ledger
+
+    ledger = tmp_path / "l.sqlite"
+    first = record_into(ledger, tmp_path / "a", control_result(diff=0.2), ledger_id="exp-1")
+    again = record_into(ledger, tmp_path / "a", control_result(diff=0.3), ledger_id="exp-1")  # rewrote the file
+    assert again.id == "exp-1.2" and Ledger(ledger).row(first.id)["superseded_by"] == "exp-1.2"
+
+    from types import SimpleNamespace
+
+    Cfg = SimpleNamespace(ledger=str(ledger), ledger_id="exp-1")
+
+    check_ledger(Cfg, tmp_path / "a")  # the same run directory: a rerun, allowed
+    with pytest.raises(LedgerError, match="taken by a eval row"):
+        check_ledger(Cfg, tmp_path / "elsewhere")
+    Cfg.ledger_id = "bad id!"
+    with pytest.raises(LedgerError, match="short slug"):
+        check_ledger(Cfg, tmp_path / "a")
+
+
+def test_a_nan_comparison_is_inconclusive_and_prints(tmp_path):
+    ledger = tmp_path / "l.sqlite"
+    bad = control_result()
+    bad.gaps["explained_variance"].diff_ci95 = [float("nan"), float("nan")]
+    r = record_into(ledger, tmp_path / "a", bad)
+    assert r.verdict == "inconclusive" and "nan" in Ledger(ledger).export("markdown")

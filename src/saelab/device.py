@@ -35,6 +35,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
             return torch.device("cpu")
         raise ValueError(f"device {name!r} asks for a GPU, but torch sees none (torch {torch.__version__}, "
                          f"CUDA build: {torch.version.cuda or 'no'}); use device: cpu or auto")
+    if m and m.group(1) is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"device {name!r} under torchrun would put every rank on one GPU; use device: cuda or auto "
+                         "(each rank takes cuda:LOCAL_RANK)")
     if m and m.group(1) is not None:
         index = int(m.group(1))
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:

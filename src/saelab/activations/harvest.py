@@ -31,16 +31,16 @@ from saelab.activations.rows import kept_rows
 from saelab.activations.store import EXCLUDED, INDEX, ActivationStore, StoreError, StoreWriter
 from saelab.config import StageConfig
 from saelab.data.corpus import iter_documents
-from saelab.data.tokens import Positions, batches, budgeted, contexts, excluded_ids, shuffled
+from saelab.data.tokens import PositionFields, batches, budgeted, contexts, excluded_ids, shuffled
 from saelab.device import describe, resolve_device
 from saelab.io import read_json
 from saelab.models.hooks import HookPoint, resolve
 from saelab.models.load import LoadedModel, load_model
-from saelab.runs.ledger import check_ledger, record
+from saelab.runs.ledger import check_ledger, derived_id, record
 from saelab.runs.results import HarvestResult
 
 
-class HarvestConfig(StageConfig):
+class HarvestConfig(StageConfig, PositionFields):
     """Model + hook point + text -> an activation store on disk."""
 
     model: str = Field("smollm2", description="'smollm2' (embedded), local dir or .gguf, or hub id")
@@ -56,10 +56,6 @@ class HarvestConfig(StageConfig):
     batch_size: int = Field(16, gt=0, description="contexts per forward pass")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
     store_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    prepend_bos: bool = Field(True, description="start every context with the BOS token (then excluded)")
-    exclude_special: bool = Field(True, description="drop BOS, padding and other special tokens")
-    exclude_tokens: list[str | int] = Field([], description="more tokens to drop (as the tokenizer spells "
-                                            "them, or ids); counted as 'listed' in the manifest")
     long_docs: Literal["chunk", "truncate"] = Field("chunk", description="a document longer than ctx_len: "
                                                     "chunk it into contexts, or keep its first context only")
     shard_tokens: int = Field(32_768, gt=0)
@@ -72,10 +68,6 @@ class HarvestConfig(StageConfig):
     def store_name(self) -> str:
         model = Path(self.model).name or self.model
         return f"{model}-{'+'.join(self.hooks)}-{self.split}-{self.hash(exclude={'out'})[:8]}"
-
-    @property
-    def positions(self) -> Positions:
-        return Positions(self.prepend_bos, self.exclude_special, tuple(self.exclude_tokens))
 
 
 def store_dirs(cfg: HarvestConfig) -> dict[str, Path]:
@@ -94,7 +86,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None,
     """Run (or resume, or reuse) a harvest. Returns the store, or {hook: store} for a hook list."""
     dirs = store_dirs(cfg)
     config_hash = cfg.hash(exclude={"out"})
-    check_ledger(cfg)
+    check_ledger(cfg, next(iter(dirs.values())) if isinstance(cfg.hook, str) else None)
     stores = _complete(dirs, cfg)
     if stores is None:
         rank, world, own_group = _distributed()
@@ -115,8 +107,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None,
         stores = _complete(dirs, cfg)
         assert stores is not None, "harvest finished but its stores are not complete"
     for h, store in stores.items():  # one ledger row per store (rank 0 only)
-        row_id = cfg.ledger_id and (cfg.ledger_id if isinstance(cfg.hook, str) else f"{cfg.ledger_id}-{h}")
-        record(HarvestResult.read(store.path / "manifest.json"), store.path, cfg, ledger_id=row_id or "",
+        row_id = (cfg.ledger_id or "") if isinstance(cfg.hook, str) else derived_id(cfg.ledger_id, h)
+        record(HarvestResult.read(store.path / "manifest.json"), store.path, cfg, ledger_id=row_id,
                config_hash=config_hash)
     return stores[str(HookPoint.parse(cfg.hook))] if isinstance(cfg.hook, str) else stores
 

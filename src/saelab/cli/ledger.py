@@ -139,6 +139,9 @@ def rebuild_cmd(root: Path = typer.Argument(..., help="a directory of run direct
         raise LedgerError("the ledger is turned off; pass --out")
     n = rebuild(root, target)
     typer.echo(f"{target}: {n['replayed']} rows replayed, {n['backfilled']} backfilled")
+    if n["skipped_events"] or n["unreadable_files"]:
+        typer.echo(f"  skipped: {n['skipped_events']} events about rows no log recorded, {n['unreadable_files']} "
+                   "result files this saelab cannot read (written by an older version)")
 
 
 @app.command("check")

@@ -7,8 +7,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
+from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
+from saelab.config import Config
 from saelab.data.corpus import Document
 
 LONG_DOCS = ("chunk", "truncate")
@@ -36,6 +38,19 @@ class Positions:
     def to_dict(self) -> dict:
         return {"prepend_bos": self.prepend_bos, "exclude_special": self.exclude_special,
                 "exclude_tokens": list(self.exclude_tokens)}
+
+
+class PositionFields(Config):
+    """The config fields that decide which positions a coder reads (harvest, train-fly)."""
+
+    prepend_bos: bool = Field(True, description="start every context with the BOS token (then excluded)")
+    exclude_special: bool = Field(True, description="drop BOS, padding and other special tokens")
+    exclude_tokens: list[str | int] = Field([], description="more tokens to drop (as the tokenizer spells them, "
+                                            "or ids); counted as 'listed' in a store's manifest")
+
+    @property
+    def positions(self) -> Positions:
+        return Positions(self.prepend_bos, self.exclude_special, tuple(self.exclude_tokens))
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ from saelab.models.load import LoadedModel
 from saelab.runs.results import CoreResult
 from saelab.saes.base import SparseCoder
 
+DEFAULT_CTX_LEN = 128
+
 
 class CoreConfig(Config):
     """What the core eval reads: held-out text and token budgets."""
@@ -52,7 +54,8 @@ class CoreConfig(Config):
     split: Literal["train", "validation"] = "validation"
     tokens: int = Field(32_768, gt=0, description="validation tokens for reconstruction metrics")
     ce_tokens: int = Field(16_384, gt=0, description="validation tokens for CE / KL (five full forwards each)")
-    ctx_len: int = Field(128, ge=2)
+    ctx_len: int | None = Field(None, ge=2, description="tokens per context; default: the coder's own (its "
+                                "harvest's), else 128")
     batch_size: int = Field(16, gt=0, description="contexts per forward pass")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
     seed: int = 0
@@ -87,7 +90,7 @@ def ce_bytes(cfg: CoreConfig, loaded: LoadedModel) -> int:
     """A rough upper estimate of the CE/KL eval's memory beyond the model: one forward's float32
     logits [batch, ctx, vocab] with its log-softmax, and the clean and spliced ones kept for the KL."""
     vocab = getattr(loaded.model.config, "vocab_size", 0) or 0
-    return 6 * 4 * cfg.batch_size * cfg.ctx_len * vocab
+    return 6 * 4 * cfg.batch_size * (cfg.ctx_len or DEFAULT_CTX_LEN) * vocab
 
 
 def validation_batches(cfg: CoreConfig, loaded: LoadedModel, positions: Positions):
@@ -95,7 +98,8 @@ def validation_batches(cfg: CoreConfig, loaded: LoadedModel, positions: Position
     docs = shuffled(iter_documents(cfg.text, cfg.split, cfg.text_field), cfg.seed)
     if not docs:
         raise ValueError(f"text source {cfg.text!r} has no documents in split {cfg.split!r}")
-    return batches(contexts(docs, loaded.tokenizer, cfg.ctx_len, positions.prepend_bos), cfg.batch_size,
+    ctx_len = cfg.ctx_len or DEFAULT_CTX_LEN
+    return batches(contexts(docs, loaded.tokenizer, ctx_len, positions.prepend_bos), cfg.batch_size,
                    loaded.tokenizer.pad_token_id)
 
 
@@ -104,7 +108,8 @@ def core_eval(cfg: CoreConfig, sae: SparseCoder, loaded: LoadedModel, hp: HookPo
     """Every core metric for one SAE at one hook point of the model, on held-out text."""
     device = loaded.device
     sae = sae.to(device).eval()
-    check_fits(device, ce_bytes(cfg, loaded), f"the CE/KL eval at batch {cfg.batch_size} x {cfg.ctx_len} tokens",
+    check_fits(device, ce_bytes(cfg, loaded), f"the CE/KL eval at batch {cfg.batch_size} x "
+               f"{cfg.ctx_len or DEFAULT_CTX_LEN} tokens",
                "lower batch_size (e.g. --set batch_size=4)")
     reset_peak(device)
     t0 = time.perf_counter()

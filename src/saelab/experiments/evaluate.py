@@ -18,15 +18,15 @@ from saelab.config import StageConfig
 from saelab.data.tokens import Positions
 from saelab.device import describe, resolve_device
 from saelab.evals.absorption import AbsorptionConfig, absorption
-from saelab.evals.core import CoreConfig, core_eval
+from saelab.evals.core import DEFAULT_CTX_LEN, CoreConfig, core_eval
 from saelab.evals.probing import ProbingConfig, sparse_probing
 from saelab.experiments.control import ControlConfig, randomized_control
 from saelab.hookpoints import HookPoint
 from saelab.io import read_json, write_json
 from saelab.models.hooks import resolve
 from saelab.models.load import LoadedModel, load_model
-from saelab.runs.ledger import check_ledger, record
-from saelab.runs.results import EVAL_RESULTS, CoreResult, Result
+from saelab.runs.ledger import check_ledger, derived_id, record
+from saelab.runs.results import EVAL_RESULTS, RESULT_VERSION, CoreResult, Result
 from saelab.runs.rundir import RunDir
 from saelab.saes.base import SparseCoder, load_sae
 
@@ -48,7 +48,8 @@ class EvalConfig(StageConfig, CoreConfig):
         """The fields eval `name` does not depend on (left out when deciding reuse). The run
         directory itself is left out too: its result files move with it."""
         sections = {"probing", "absorption", "control"}
-        core_only = {"tokens", "ce_tokens", "dense_thresholds", "similar_pairs"}
+        core_only = {"tokens", "ce_tokens", "dense_thresholds", "similar_pairs", "text", "text_field", "split",
+                     "ctx_len", "batch_size"}  # probing and absorption read their own tasks and batches
         own = {"core": set(), "probing": {"probing"}, "absorption": {"absorption"},
                "control": {"control", "probing"}}[name]
         return {"run", "suite"} | (sections - own) | (core_only if name in ("probing", "absorption") else set())
@@ -105,6 +106,8 @@ def open_run(cfg: EvalConfig, loaded: LoadedModel | None = None) -> OpenRun:
 
 
 def _compute(name: str, cfg: EvalConfig, o: OpenRun, progress: bool) -> Result:
+    # contexts as long as the coder's own (its harvest's), unless asked otherwise
+    cfg = cfg.model_copy(update={"ctx_len": cfg.ctx_len or o.meta.get("ctx_len") or DEFAULT_CTX_LEN})
     if name == "core":
         return core_eval(cfg, o.sae, o.loaded, o.hp, o.positions, o.model_name, progress)
     if name == "probing":
@@ -120,6 +123,8 @@ def stored_result(name: str, cfg: EvalConfig, run: RunDir) -> Result | None:
     if not path.is_file():
         return None
     data = read_json(path)
+    if data.get("result_version") != RESULT_VERSION:
+        return None  # computed with other definitions (or before they were versioned)
     if not cfg.same_work(data.get("config"), exclude=cfg.not_used_by(name)):
         return None
     try:
@@ -152,7 +157,7 @@ def run_suite(cfg: EvalConfig, loaded: LoadedModel | None = None, progress: bool
               suite_file: bool = True) -> SuiteOutput:
     """Run (or reuse) every eval in cfg.suite on cfg.run's SAE; record each in the ledger; write
     eval_suite.json (the evals' wall times, which were reused, their ledger ids) unless suite_file=False."""
-    check_ledger(cfg)
+    check_ledger(cfg, cfg.run if len(cfg.suite) == 1 else None)
     o = open_run(cfg, loaded)
     out = SuiteOutput({}, {})
     for name in cfg.suite:
@@ -174,7 +179,7 @@ def run_suite(cfg: EvalConfig, loaded: LoadedModel | None = None, progress: bool
             result.write(o.run.path / result.FILE)
         out.results[name] = result
         out.wall_seconds[name] = wall
-        rec = record(result, o.run.path, cfg, ledger_id=_row_id(cfg, name))
+        rec = record(result, o.run.path, cfg, ledger_id=(cfg.ledger_id or '') if len(cfg.suite) == 1 else derived_id(cfg.ledger_id, name))
         if rec is not None:
             out.ledger_ids[name] = rec.id
     if suite_file:
@@ -182,13 +187,6 @@ def run_suite(cfg: EvalConfig, loaded: LoadedModel | None = None, progress: bool
                                                     "wall_seconds": out.wall_seconds, "reused": out.reused,
                                                     "ledger": out.ledger_ids})
     return out
-
-
-def _row_id(cfg: EvalConfig, name: str) -> str:
-    """The user's ledger id for a one-eval suite, <id>-<eval> for several; '' to generate."""
-    if not cfg.ledger_id:
-        return ""
-    return cfg.ledger_id if len(cfg.suite) == 1 else f"{cfg.ledger_id}-{name}"
 
 
 def evaluate(cfg: EvalConfig, loaded: LoadedModel | None = None, progress: bool = True) -> CoreResult:

@@ -223,7 +223,7 @@ def add(model: nn.Module, hook: str | HookPoint, vector: torch.Tensor,
     """Within the block, `vector` ([d], or [batch, seq, d]) is added to the activation at `hook`,
     at every position or where mask [batch, seq] is True (steering). Differentiable in vector."""
     def fn(x: torch.Tensor) -> torch.Tensor:
-        v = vector.to(x.dtype)
+        v = vector.to(device=x.device, dtype=x.dtype)
         if mask is None:
             return x + v
         return x + v * mask.to(x.device)[..., None].to(x.dtype)

@@ -239,26 +239,45 @@ class Ledger:
                 raise
 
     @property
+    def journal(self) -> Path:
+        """The ledger's own event log (predictions, and every hand-made change), beside the file."""
+        return self.path.with_name(self.path.name + ".jsonl")
+
+    @property
     def schema_version(self) -> int:
         with self._connect() as con:
             return int(con.execute("SELECT value FROM saelab_meta WHERE key = 'schema_version'").fetchone()[0])
 
     # --- writing --------------------------------------------------------------------------
-    def insert(self, row: dict[str, Any], comparisons: dict[str, dict[str, Any]]) -> tuple[str, bool]:
-        """Insert a row (its id generated when None); returns (id, inserted). A row for the same
-        result (stage, kind, run directory, result checksum) is not inserted twice."""
+    def insert(self, row: dict[str, Any], comparisons: dict[str, dict[str, Any]],
+               replay: bool = False) -> tuple[dict[str, Any], bool]:
+        """Insert a row (its id generated when None); returns (the stored row, inserted). A row for
+        the same result (stage, kind, run directory, result checksum) is not inserted twice.
+
+        An explicit id taken by an earlier result of the same run directory and result file (a
+        stage rerun with another config rewrote that file) becomes `<id>.2`, `<id>.3`, ..., which
+        supersedes it; taken by anything else, it is refused. With replay (rebuild), a taken id
+        is replaced by a fresh one instead: the caller maps the logged id to the stored one."""
         with self._connect(write=True) as con:
-            same = con.execute("SELECT id FROM rows WHERE stage = ? AND kind = ? AND run_dir IS ? AND "
-                               "result_sha256 IS ?", (row["stage"], row["kind"], row["run_dir"],
-                                                      row["result_sha256"])).fetchone()
+            same = con.execute("SELECT * FROM rows WHERE stage = ? AND kind = ? AND run_dir IS ? AND "
+                               "result_sha256 IS ? ORDER BY superseded_by IS NOT NULL, seq",
+                               (row["stage"], row["kind"], row["run_dir"], row["result_sha256"])).fetchone()
             if same is not None:
-                return same["id"], False
+                return _as_dict(same), False
             row = dict(row)
             if row.get("id"):
-                taken = con.execute("SELECT stage, run_dir, time_utc FROM rows WHERE id = ?", (row["id"],)).fetchone()
-                if taken is not None:
-                    raise LedgerError(f"ledger id {row['id']!r} is taken by a {taken['stage']} row of "
-                                      f"{taken['run_dir']} ({taken['time_utc']}); choose another --ledger-id")
+                taken = con.execute("SELECT * FROM rows WHERE id = ?", (row["id"],)).fetchone()
+                if taken is not None and replay:
+                    row["id"] = self._next_id(con, row["stage"])
+                elif taken is not None:
+                    rerun = all(taken[c] == row[c] for c in ("stage", "kind", "run_dir", "result_file"))
+                    if not rerun:
+                        raise LedgerError(f"ledger id {row['id']!r} is taken by a {taken['stage']} row of "
+                                          f"{taken['run_dir']} ({taken['time_utc']}); choose another --ledger-id")
+                    base, n = row["id"], 2
+                    while con.execute("SELECT 1 FROM rows WHERE id = ?", (f"{base}.{n}",)).fetchone():
+                        n += 1
+                    row["id"] = f"{base}.{n}"
             else:
                 row["id"] = self._next_id(con, row["stage"])
             pred = con.execute("SELECT * FROM predictions WHERE id = ?", (row["id"],)).fetchone()
@@ -280,7 +299,8 @@ class Ledger:
                                     row["id"])).fetchall():
                 self._supersede(con, old["id"], row["id"], f"its result file {row['result_file']} was rewritten "
                                 f"by {row['id']}", row["time_utc"])
-            return row["id"], True
+            stored = con.execute("SELECT * FROM rows WHERE id = ?", (row["id"],)).fetchone()
+            return _as_dict(stored), True
 
     @staticmethod
     def _next_id(con: sqlite3.Connection, stage: str) -> str:
@@ -298,8 +318,12 @@ class Ledger:
             if con.execute("SELECT 1 FROM rows WHERE id = ?", (row_id,)).fetchone():
                 raise LedgerError(f"a result is already recorded as {row_id!r}: a prediction is registered "
                                   "before its run lands and cannot be edited after")
+            t = created_utc or now_utc()
             con.execute("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?)",
-                        (row_id, metric, canonical, source, created_utc or now_utc()))
+                        (row_id, metric, canonical, source, t))
+        if created_utc is None:  # registered now (not replayed): kept in the ledger's journal too
+            _append_log(self.journal, {"event": "predict", "id": row_id, "metric": metric, "expect": canonical,
+                                       "source": source, "time_utc": t})
         return self.prediction(row_id)
 
     def prediction(self, row_id: str) -> dict[str, Any] | None:
@@ -323,8 +347,8 @@ class Ledger:
             con.execute("INSERT INTO verdict_log (row_id, time_utc, verdict, reason, auto) VALUES (?, ?, ?, ?, 0)",
                         (row_id, t, verdict, reason))
         if log:
-            _log_event(r["run_dir"], {"event": "verdict", "id": row_id, "verdict": verdict, "reason": reason,
-                                      "time_utc": t})
+            self._log_event(r["run_dir"], {"event": "verdict", "id": row_id, "verdict": verdict, "reason": reason,
+                                           "time_utc": t})
 
     def supersede(self, old: str, by: str, reason: str, t: str | None = None, log: bool = True) -> None:
         if old == by:
@@ -337,7 +361,8 @@ class Ledger:
             self._require(con, by)
             self._supersede(con, old, by, reason, t)
         if log:
-            _log_event(r["run_dir"], {"event": "supersede", "id": old, "by": by, "reason": reason, "time_utc": t})
+            self._log_event(r["run_dir"], {"event": "supersede", "id": old, "by": by, "reason": reason,
+                                           "time_utc": t})
 
     @staticmethod
     def _supersede(con: sqlite3.Connection, old: str, by: str, reason: str, t: str) -> None:
@@ -347,6 +372,12 @@ class Ledger:
         con.execute("INSERT INTO verdict_log (row_id, time_utc, verdict, reason, auto) VALUES (?, ?, 'superseded', ?, 0)",
                     (old, t, f"by {by}: {reason}"))
 
+    def _log_event(self, run_dir: str | None, event: dict[str, Any]) -> None:
+        """A hand-made change: in the ledger's journal, and in the row's run directory while it exists."""
+        event = _append_log(self.journal, event)
+        if run_dir and Path(run_dir).is_dir():
+            _append_log(Path(run_dir), event)
+
     def add_note(self, row_id: str, note: str, t: str | None = None, log: bool = True) -> None:
         t = t or now_utc()
         with self._connect(write=True) as con:
@@ -354,7 +385,7 @@ class Ledger:
             notes = "; ".join(x for x in (r["notes"], note) if x)
             con.execute("UPDATE rows SET notes = ? WHERE id = ?", (notes, row_id))
         if log:
-            _log_event(r["run_dir"], {"event": "note", "id": row_id, "note": note, "time_utc": t})
+            self._log_event(r["run_dir"], {"event": "note", "id": row_id, "note": note, "time_utc": t})
 
     @staticmethod
     def _require(con: sqlite3.Connection, row_id: str) -> sqlite3.Row:
@@ -399,7 +430,7 @@ class Ledger:
             problems += [f"integrity: {r[0]}" for r in con.execute("PRAGMA integrity_check") if r[0] != "ok"]
             problems += [f"foreign key: {tuple(r)}" for r in con.execute("PRAGMA foreign_key_check")]
         for r in self.rows():
-            if not r["result_file"] or r["verdict"] == "superseded":
+            if not r["result_file"] or r["superseded_by"]:
                 continue
             f = Path(r["result_file"])
             if not f.is_file():
@@ -460,13 +491,19 @@ def experiments_row(r: dict[str, Any], pred: dict[str, Any] | None = None) -> di
 def result_text(r: dict[str, Any]) -> str:
     """The headline of a row in one cell: its primary comparison, else its first metrics."""
     if r["cmp_name"]:
-        return (f"{r['cmp_name']}: {r['cmp_a']:.4g} vs {r['cmp_b']:.4g}, diff {r['cmp_diff']:+.4g} "
-                f"[{r['cmp_lo']:+.4g}, {r['cmp_hi']:+.4g}], n={r['cmp_n']} {r['cmp_unit']}s")
+        a, b, d, lo, hi = (_num(r[k]) for k in ("cmp_a", "cmp_b", "cmp_diff", "cmp_lo", "cmp_hi"))
+        return f"{r['cmp_name']}: {a} vs {b}, diff {d} [{lo}, {hi}], n={r['cmp_n']} {r['cmp_unit']}s"
     return ", ".join(f"{k} {_num(v)}" for k, v in list(r["metrics"].items())[:3])
 
 
-def _num(v: float) -> str:
+def _num(v: float | None) -> str:
+    if v is None or v != v:  # SQLite stores NaN as NULL
+        return "nan"
     return f"{int(v):,}" if float(v).is_integer() and abs(v) >= 1000 else f"{v:.4g}"
+
+
+def _as_dict(r: sqlite3.Row) -> dict[str, Any]:
+    return {k: r[k] for k in r.keys()}
 
 
 def _md(text: str) -> str:
@@ -599,42 +636,54 @@ def record(result: Result, run_dir: str | Path, cfg: Any = None, *, result_file:
         config_hash=config_hash or (cfg.hash() if cfg is not None and hasattr(cfg, "hash") else None),
         ledger_id=(ledger_id if ledger_id is not None else getattr(cfg, "ledger_id", None)) or None,
         notes=notes if notes is not None else getattr(cfg, "notes", "") or "")
+    if row["id"]:
+        _check_id(row["id"])
     led = Ledger(path)
-    row_id, inserted = led.insert(row, comparisons)
-    stored = led.row(row_id)
-    if inserted:  # the row as stored (its verdict decided), and the prediction it was held against
-        logged = {**{k: stored[k] for k in ROW_COLUMNS}, "metrics": json.dumps(stored["metrics"])}
-        _append_log(run_dir, {"event": "record", "row": logged,
-                              "comparisons": comparisons, "prediction": stored["prediction"]})
-    return Recorded(row_id, inserted, stored["verdict"])
+    stored, inserted = led.insert(row, comparisons)
+    if inserted:  # the row as stored in its transaction (its id and verdict decided)
+        logged = {k: stored[k] for k in ROW_COLUMNS}
+        _append_log(run_dir, {"event": "record", "row": logged, "comparisons": comparisons})
+    return Recorded(stored["id"], inserted, stored["verdict"])
 
 
-def check_ledger(cfg: Any) -> None:
-    """Open (creating) the ledger a stage will record into, so a refused file stops it before any work."""
+def check_ledger(cfg: Any, run_dir: str | Path | None = None) -> None:
+    """Before any work: open (creating) the ledger a stage will record into, so a refused file
+    stops it; and refuse a --ledger-id that another run directory's row already holds."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     path = ledger_path(getattr(cfg, "ledger", None))
-    if path is not None:
-        Ledger(path)
+    if path is None:
+        return
+    led = Ledger(path)
+    row_id = getattr(cfg, "ledger_id", None)
+    if row_id:
+        _check_id(row_id)
+        with led._connect() as con:
+            taken = con.execute("SELECT stage, run_dir, time_utc FROM rows WHERE id = ?", (row_id,)).fetchone()
+        if taken is not None and (run_dir is None or taken["run_dir"] != _abs(Path(run_dir))):
+            raise LedgerError(f"ledger id {row_id!r} is taken by a {taken['stage']} row of {taken['run_dir']} "
+                              f"({taken['time_utc']}); choose another --ledger-id")
 
 
-def _log_event(run_dir: str | None, event: dict[str, Any]) -> None:
-    """A user's change to a row, kept in its run directory too (skipped if that directory is gone)."""
-    if run_dir and Path(run_dir).is_dir():
-        _append_log(Path(run_dir), event)
+def derived_id(base: str | None, part: str) -> str:
+    """The id of one of several rows a command records under one --ledger-id: <base>-<part>
+    ('' when no id was given, so the ledger generates one)."""
+    return f"{base}-{part}" if base else ""
 
 
-def _append_log(run_dir: Path, event: dict[str, Any]) -> None:
-    """Append one event line to the run directory's ledger.jsonl (O_APPEND + fsync; a torn last
-    line from a kill is skipped on read)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    event = {**event, "t_ns": time.time_ns()}  # orders events of the same second on rebuild
-    fd = os.open(run_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def _append_log(target: Path, event: dict[str, Any]) -> dict[str, Any]:
+    """Append one event line to a run directory's ledger.jsonl (or to a log file path) with
+    O_APPEND + fsync; a torn last line from a kill is skipped on read."""
+    path = target / LOG_FILE if target.is_dir() or target.suffix != ".jsonl" else target
+    path.parent.mkdir(parents=True, exist_ok=True)
+    event = {**event, "t_ns": event.get("t_ns") or time.time_ns()}  # orders events of one second on rebuild
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (json.dumps(event, sort_keys=True) + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
+    return event
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
@@ -650,46 +699,79 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
 # --- rebuild -------------------------------------------------------------------------------------
 def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
     """A new ledger at `out` from every run directory under `root`: rows replayed from each
-    ledger.jsonl, and results without one (recorded before the ledger existed) backfilled from
-    their files (summary.json, eval*.json, quickstart.json, store manifests), with the run's
-    recorded provenance where it has one. Refuses to overwrite an existing ledger."""
+    run's ledger.jsonl (and predictions and hand-made changes from any ledger journal,
+    `<ledger>.sqlite.jsonl`, under root), and results without a log (recorded before the ledger
+    existed) backfilled from their files (summary.json, eval*.json, quickstart.json, store
+    manifests), with the run's recorded provenance where it has one.
+
+    A run directory moved or copied since is rebased to where it is; a logged id already taken
+    in the new ledger (a copy, or a second ledger that logged into the same runs) gets a fresh
+    id, and later events are mapped to it. Written to a temp file and renamed when whole; an
+    existing `out` is never overwritten. Returns counts: replayed, backfilled, skipped events,
+    unreadable result files."""
     root, out = Path(root), Path(out)
     if out.exists():
         raise LedgerError(f"{out} exists: rebuild writes a new ledger (move the old one away first)")
     if not root.is_dir():
         raise LedgerError(f"{root} is not a directory of runs")
-    led = Ledger(out)
-    events = []
+    tmp = out.with_name(f".{out.name}.rebuilding")
+    for f in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        f.unlink(missing_ok=True)
+    led = Ledger(tmp)
+    records, changes = [], {}  # changes: (key) -> (source dir, event); a run directory's copy wins
     logged: set[tuple[str, str]] = set()
-    for log in sorted(root.rglob(LOG_FILE)):
-        here = _abs(log.parent)  # a run directory moved or copied since: its rows point here now
+    for log in sorted([*root.rglob(LOG_FILE), *root.rglob("*.sqlite.jsonl")]):
+        here, in_run = _abs(log.parent), log.name == LOG_FILE
         for e in _read_log(log):
             if e.get("event") == "record":
                 row = e["row"]
-                if row["run_dir"] != here:
+                moved = row["run_dir"] != here
+                if moved:  # moved or copied: its rows point here now
                     row["run_dir"] = here
                     row["result_file"] = row["result_file"] and _abs(log.parent / Path(row["result_file"]).name)
                 logged.add((row["stage"], row["result_file"]))
-            events.append(e)
+                records.append((int(e.get("t_ns", 0)), moved, here, e))
+            else:
+                key = (e["event"], e.get("id"), e.get("t_ns"), here if in_run else None)
+                journal_key = (*key[:3], None)
+                if in_run:
+                    changes.pop(journal_key, None)
+                    changes[key] = (here, e)
+                elif not any(k[:3] == key[:3] for k in changes):
+                    changes[key] = (None, e)
+    # originals before copies of the same moment, so an id stays with the row at its logged place
+    timeline = [(t, 0, moved, src, e) for t, moved, src, e in records] + \
+               [(int(e.get("t_ns", 0)), 1, False, src, e) for src, e in changes.values()]
+    timeline.sort(key=lambda x: x[:3])
+    local: dict[tuple[str, str], str] = {}  # (run directory, logged id) -> id in the rebuilt ledger
+    first: dict[str, str] = {}  # logged id -> the first row that carried it (for the ledger's journal)
 
-    def when(e: dict[str, Any]) -> tuple[int, int]:
-        return int(e.get("t_ns", 0)), 0 if e["event"] == "record" else 1
+    def mapped(src: str | None, i: str) -> str | None:
+        return local.get((src, i)) if src is not None else first.get(i)
 
-    replayed = 0
-    for e in sorted(events, key=when):
-        if e["event"] == "record":
-            if p := e.get("prediction"):
-                led.predict(p["id"], p["metric"], p["expect"], p["source"], created_utc=p["created_utc"])
-            _, inserted = led.insert(e["row"], e["comparisons"])
-            replayed += inserted
-        elif e["event"] == "verdict":
-            led.set_verdict(e["id"], e["verdict"], e["reason"], t=e["time_utc"], log=False)
-        elif e["event"] == "supersede":
-            led.supersede(e["id"], e["by"], e["reason"], t=e["time_utc"], log=False)
-        elif e["event"] == "note":
-            led.add_note(e["id"], e["note"], t=e["time_utc"], log=False)
-    backfilled = 0
-    for result, run_dir, file in _legacy_results(root):
+    counts = {"replayed": 0, "backfilled": 0, "skipped_events": 0, "unreadable_files": 0}
+    for _, _, _, src, e in timeline:
+        kind = e["event"]
+        if kind == "record":
+            stored, inserted = led.insert(e["row"], e["comparisons"], replay=True)
+            local[(src, e["row"]["id"])] = stored["id"]
+            first.setdefault(e["row"]["id"], stored["id"])
+            counts["replayed"] += inserted
+        elif kind == "predict":
+            try:
+                led.predict(e["id"], e["metric"], e["expect"], e["source"], created_utc=e["time_utc"])
+            except LedgerError:
+                counts["skipped_events"] += 1  # its result landed before it: as in the live ledger
+        elif kind in ("verdict", "note") and (i := mapped(src, e["id"])):
+            if kind == "verdict":
+                led.set_verdict(i, e["verdict"], e["reason"], t=e["time_utc"], log=False)
+            else:
+                led.add_note(i, e["note"], t=e["time_utc"], log=False)
+        elif kind == "supersede" and (i := mapped(src, e["id"])) and (by := mapped(src, e["by"]) or first.get(e["by"])):
+            led.supersede(i, by, e["reason"], t=e["time_utc"], log=False)
+        else:
+            counts["skipped_events"] += 1  # about a row no log recorded
+    for result, run_dir, file in _legacy_results(root, counts):
         if (result.STAGE, _abs(file)) in logged:
             continue
         manifest = run_dir / "manifest.json"  # a training run's provenance; other stages kept none
@@ -698,13 +780,19 @@ def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
         t = datetime.fromtimestamp(file.stat().st_mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         row, cmps = build_row(result, run_dir, file, config_hash=None, env=env, time_utc=t,
                               notes="backfilled by `saelab ledger rebuild` from the run directory")
-        _, inserted = led.insert(row, cmps)
-        backfilled += inserted
-    return {"replayed": replayed, "backfilled": backfilled}
+        _, inserted = led.insert(row, cmps, replay=True)
+        counts["backfilled"] += inserted
+    with led._connect() as con:  # fold the WAL into the file before it is renamed
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for f in (tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        f.unlink(missing_ok=True)
+    tmp.rename(out)
+    return counts
 
 
-def _legacy_results(root: Path) -> Iterator[tuple[Result, Path, Path]]:
-    """Every result file under root that a stage writes, read as its typed result."""
+def _legacy_results(root: Path, counts: dict[str, int]) -> Iterator[tuple[Result, Path, Path]]:
+    """Every result file under root that a stage writes, read as its typed result (those this
+    version cannot read are counted in counts["unreadable_files"])."""
     for f in sorted(root.rglob("*.json")):
         try:
             if f.name == "manifest.json" and (f.parent / "documents.json").is_file():
@@ -720,5 +808,5 @@ def _legacy_results(root: Path) -> Iterator[tuple[Result, Path, Path]]:
                     if f.name == cls.FILE:
                         yield cls.read(f), f.parent, f
         except (ValueError, KeyError, TypeError):
-            continue  # an older file this version cannot read: not backfilled
+            counts["unreadable_files"] += 1  # an older file this version cannot read: not backfilled
 

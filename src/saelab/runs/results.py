@@ -8,6 +8,7 @@ the CLI prints `table()`, and the report and dashboard read the same files back 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -37,9 +38,9 @@ class Comparison(BaseModel):
 
     @property
     def conclusive(self) -> bool:
-        """The 95% CI of the difference excludes 0."""
+        """The 95% CI of the difference excludes 0 (a NaN CI is not conclusive)."""
         lo, hi = self.diff_ci95
-        return not lo <= 0 <= hi
+        return math.isfinite(lo) and math.isfinite(hi) and not lo <= 0 <= hi
 
     def cell(self) -> str:
         lo, hi = self.diff_ci95
@@ -203,6 +204,12 @@ class TrainResult(Result):
                 "peak_memory_bytes": self.peak_memory_bytes}
 
 
+# Bumped when what an eval computes changes meaning (2: evals read the positions the SAE was
+# trained on; CE/KL leave out the prediction made at BOS): a stored eval of another version is
+# recomputed, never reused.
+RESULT_VERSION = 2
+
+
 class CoreResult(Result):
     """SAEBench core metrics on held-out text (eval.json)."""
 
@@ -212,6 +219,7 @@ class CoreResult(Result):
 
     stage: str = "eval"
     suite: str = "core"
+    result_version: int = RESULT_VERSION
     run: str | None = None
     model: str
     hook: str
@@ -279,6 +287,7 @@ class _SuiteEval(Result):
 
     stage: str = "eval"
     suite: str
+    result_version: int = RESULT_VERSION
     run: str | None = None
     model: str | None = None
     hook: str | None = None
@@ -321,7 +330,7 @@ class ProbingResult(_SuiteEval):
     method: str
 
     def primary(self) -> str | None:
-        return f"pooled_k{self.ks[0]}"  # SAEBench's headline: top-1 (the smallest k) accuracy
+        return f"pooled_k{min(self.ks)}"  # SAEBench's headline: top-1 (the smallest k) accuracy
 
     def comparisons(self) -> dict[str, Comparison]:
         out = {f"pooled_{k}": c for k, c in self.pooled.items()}

@@ -11,6 +11,7 @@ of the last checkpoint.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from typing import Literal
 
@@ -21,11 +22,11 @@ from tqdm.auto import tqdm
 from saelab.activations.rows import kept_rows
 from saelab.config import Config
 from saelab.data.corpus import iter_documents
-from saelab.data.tokens import Positions, batches, contexts, shuffled
+from saelab.data.tokens import PositionFields, batches, contexts, shuffled
 from saelab.device import resolve_device
 from saelab.models.hooks import resolve
 from saelab.models.load import LoadedModel, load_model
-from saelab.runs.ledger import check_ledger, record
+from saelab.runs.ledger import check_ledger, derived_id, record
 from saelab.runs.results import TrainResult
 from saelab.runs.rundir import RunDir
 from saelab.saes.config import SAEConfig
@@ -42,7 +43,7 @@ class FlySAE(Config):
     lr: float | None = None
 
 
-class FlyTrainConfig(OptimFields):
+class FlyTrainConfig(OptimFields, PositionFields):
     """Train several sparse coders on the fly from the model (no store), one forward pass feeding all."""
 
     model: str = "smollm2"
@@ -51,17 +52,10 @@ class FlyTrainConfig(OptimFields):
     ctx_len: int = Field(128, ge=2)
     model_batch_size: int = Field(16, gt=0, description="contexts per forward pass")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    prepend_bos: bool = Field(True, description="start every context with the BOS token (then excluded)")
-    exclude_special: bool = Field(True, description="drop BOS, padding and other special tokens")
-    exclude_tokens: list[str | int] = Field([], description="more tokens to drop (as the tokenizer spells them, or ids)")
     buffer_tokens: int = Field(65_536, gt=0, description="activations shuffled together before batching")
     tokens: int = Field(1_000_000, gt=0, description="training tokens for every SAE")
     runs_dir: str = "runs"
     saes: list[FlySAE] = Field(..., min_length=1)
-
-    @property
-    def positions(self) -> Positions:
-        return Positions(self.prepend_bos, self.exclude_special, tuple(self.exclude_tokens))
 
 
 
@@ -100,6 +94,9 @@ def train_on_the_fly(cfg: FlyTrainConfig, loaded: LoadedModel | None = None, pro
     names = [s.name for s in cfg.saes]
     if len(set(names)) != len(names):
         raise ValueError(f"SAE names must be unique, got {names}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("train-fly runs in one process (every rank would train every SAE): start it without "
+                         "torchrun, or harvest a store and use `saelab train` under torchrun")
     device = resolve_device(cfg.device)
     check_ledger(cfg)
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=device)
@@ -109,7 +106,7 @@ def train_on_the_fly(cfg: FlyTrainConfig, loaded: LoadedModel | None = None, pro
     runs = [RunDir.prepare(f"{cfg.runs_dir}/{s.name}", cfg) for s in cfg.saes]
     if all(r.complete for r in runs):
         for spec, run in zip(cfg.saes, runs, strict=True):
-            record(TrainResult.read(run.summary_file), run.path, cfg, ledger_id=_row_id(cfg, spec))
+            record(TrainResult.read(run.summary_file), run.path, cfg, ledger_id=derived_id(cfg.ledger_id, spec.name))
         return runs
     if any(r.complete for r in runs):
         raise ValueError("some of these SAEs finished and some did not; rerun the unfinished ones alone")
@@ -145,10 +142,6 @@ def train_on_the_fly(cfg: FlyTrainConfig, loaded: LoadedModel | None = None, pro
         meta = {"hook": spec.hook, "hook_out": spec.hook_out, "model": cfg.model, "model_source": loaded.source,
                 "model_hash": loaded.content_hash, "store": None, "source": "on the fly",
                 "positions": cfg.positions.to_dict(), "ctx_len": cfg.ctx_len, "text": cfg.text}
-        record(t.finish(meta, source="on the fly"), run.path, cfg, ledger_id=_row_id(cfg, spec))  # a row per SAE
+        record(t.finish(meta, source="on the fly"), run.path, cfg, ledger_id=derived_id(cfg.ledger_id, spec.name))  # a row per SAE
     return runs
 
-
-def _row_id(cfg: FlyTrainConfig, spec: FlySAE) -> str:
-    """Each SAE's ledger id: <ledger_id>-<name> when the user gave one, else generated ('')."""
-    return f"{cfg.ledger_id}-{spec.name}" if cfg.ledger_id else ""

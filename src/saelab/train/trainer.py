@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -56,6 +56,11 @@ class OptimFields(StageConfig):
 
 class TrainConfig(OptimFields):
     """Train one sparse coder from an activation store (two row-aligned stores for a transcoder)."""
+
+    # where the run lives and how often it saves or logs elsewhere change no weight: a run directory
+    # moved, renamed or resumed with another checkpoint interval is the same run
+    UNHASHED: ClassVar[frozenset[str]] = OptimFields.UNHASHED | {"name", "runs_dir", "checkpoint_every", "wandb",
+                                                                 "wandb_project"}
 
     store: str = Field(..., description="activation store directory (from `saelab harvest`)")
     store_out: str | None = Field(None, description="target store for a transcoder, row-aligned with `store`")
