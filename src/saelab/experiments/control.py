@@ -25,7 +25,7 @@ from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.config import Config, read_yaml
 from saelab.data.tasks import TaskSpec, load_task
 from saelab.data.tokens import Positions
-from saelab.evals.core import core_eval, reconstruction_metrics, validation_batches
+from saelab.evals.core import core_eval, ev_units
 from saelab.evals.probing import pooled_features, probe_correct, resolve_tasks
 from saelab.evals.stats import compare
 from saelab.hookpoints import HookPoint
@@ -73,17 +73,6 @@ def randomized_copy(loaded: LoadedModel, seed: int) -> LoadedModel:
             p.zero_()
     return LoadedModel(model, loaded.tokenizer, f"randomized:{loaded.name}:seed{seed}",
                        f"{loaded.source}, weights re-initialised with seed {seed}")
-
-
-def _ev_units(sae, loaded, hp, cfg: EvalConfig, positions: Positions, tokens: int):
-    units: dict[str, list] = {"sse": [], "sumsq": [], "sum": [], "n": []}
-    m = reconstruction_metrics(sae, loaded, hp, validation_batches(cfg, loaded, positions), tokens, False,
-                               units=units, positions=positions)
-    mu = torch.stack(units["sum"]).sum(0) / sum(units["n"])  # [d] mean over all eval tokens
-    n = np.array(units["n"], dtype=np.float64)
-    s = torch.stack(units["sum"])  # [contexts, d]
-    tv = np.array(units["sumsq"]) - 2 * (s @ mu).numpy() + n * float(mu @ mu)  # sum ||x - mu||^2 per context
-    return m, np.array(units["sse"]), tv
 
 
 def training_settings(run: RunDir, sae: SparseCoder) -> dict[str, Any]:
@@ -135,8 +124,8 @@ def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], 
     rand_core.write(rand_run.path / CoreResult.FILE)
     record(rand_core, rand_run.path, cfg, ledger_id="", notes="the randomized-model control's SAE")
     t3 = time.perf_counter()
-    _, sse_r, tv_r = _ev_units(sae, loaded, hp, cfg, positions, c.tokens)
-    _, sse_x, tv_x = _ev_units(rand_sae.to(rand.device), rand, hp, cfg, positions, c.tokens)
+    _, sse_r, tv_r = ev_units(sae, loaded, hp, cfg, positions, c.tokens)
+    _, sse_x, tv_x = ev_units(rand_sae.to(rand.device), rand, hp, cfg, positions, c.tokens)
     sides = "a = real model's SAE, b = randomized model's SAE"
     gaps = {"explained_variance": compare((sse_r, tv_r), (sse_x, tv_x), cfg.probing.bootstrap, c.seed,
                                           one_minus=True, unit="validation context", sides=sides)}
