@@ -31,6 +31,11 @@ def test_evals_know_nothing_of_run_directories_training_or_pipelines():
                                "saelab.cli")) == []
 
 
+def test_circuits_know_nothing_of_run_directories_either():
+    assert offenders("circuits", ("saelab.runs.rundir", "saelab.runs.ledger", "saelab.train", "saelab.experiments",
+                                  "saelab.cli")) == []
+
+
 def test_sparse_coders_are_model_agnostic():
     assert offenders("saes", ("saelab.models", "saelab.activations", "saelab.train", "saelab.evals",
                               "saelab.experiments", "saelab.runs")) == []

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from saelab.activations.harvest import HarvestConfig
-from saelab.cli import data, formats, ledger, pages, stages
+from saelab.cli import circuits, data, formats, ledger, pages, stages
 from saelab.config import Config
 from saelab.experiments.evaluate import EvalConfig
 from saelab.experiments.quickstart import QuickstartConfig
@@ -23,7 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, evaluate and interpret sparse autoencoders on language-model activations.")
 app.add_typer(data.app, name="data")
 app.add_typer(ledger.app, name="ledger")
-app.registered_commands += formats.app.registered_commands + pages.app.registered_commands
+app.registered_commands += (formats.app.registered_commands + pages.app.registered_commands
+                             + circuits.app.registered_commands)
 stages.register(app)
 
 STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "train-fly": FlyTrainConfig,

@@ -68,3 +68,13 @@ def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Estimate:
     boots = ratio(v, np.ones_like(v), w)
     return Estimate(mean=float(v.mean()), ci95=[float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
                     n_units=int(v.shape[0]), n_boot=int(n_boot), method=METHOD)
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Estimate:
+    """sum(num) / sum(den) over units (e.g. faithfulness over prompts) with its percentile-bootstrap
+    95% CI, the units resampled."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    boots = np.concatenate([ratio(num, den, resample_counts(num.shape[0], min(250, n_boot - s), seed + s))
+                            for s in range(0, n_boot, 250)])
+    return Estimate(mean=ratio(num, den), ci95=[float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+                    n_units=int(num.shape[0]), n_boot=int(n_boot), method=METHOD)

@@ -135,3 +135,36 @@ def histogram_pair(a, b, name_a: str, name_b: str, xlabel: str, key: str) -> str
     ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
     return to_svg(fig, key)
+
+
+def circuit_graph(gr: dict, hooks: list[str], err_id: int, labels: dict[tuple[str, int], str] | None = None):
+    """A circuit: hooks as columns, nodes (latent id or 'err', plus a label when given) sized by
+    |effect|, red for a positive and blue for a negative effect on the metric; edges between
+    consecutive hooks with width by |effect|."""
+    labels = labels or {}
+    by_hook: dict[str, list[dict]] = {h: [] for h in hooks}
+    for n in gr["nodes"]:
+        by_hook[n["hook"]].append(n)
+    pos = {}
+    rows = max(3, *(len(v) for v in by_hook.values()))
+    fig, ax = plt.subplots(figsize=(2.4 * len(hooks) + 1, 0.32 * rows + 1.2))
+    for x, h in enumerate(hooks):
+        for y, n in enumerate(sorted(by_hook[h], key=lambda n: -abs(n["effect"]))):
+            pos[(h, n["latent"])] = (x, -y)
+            name = "err" if n["latent"] == err_id else str(n["latent"])
+            text = f"{name} {labels.get((h, n['latent']), '')}".strip()
+            ax.scatter([x], [-y], s=20 + 180 * min(1.0, abs(n["effect"])), zorder=3,
+                       c="tab:red" if n["effect"] > 0 else "tab:blue")
+            ax.annotate(text[:30], (x, -y), xytext=(6, 0), textcoords="offset points", fontsize=7, va="center")
+    top = max((abs(e["effect"]) for e in gr["edges"]), default=1.0) or 1.0
+    for e in gr["edges"]:
+        a, b = pos.get(tuple(e["from"])), pos.get(tuple(e["to"]))
+        if a and b:
+            ax.plot([a[0], b[0]], [a[1], b[1]], lw=0.3 + 2.5 * abs(e["effect"]) / top, alpha=0.5, zorder=1,
+                    c="tab:red" if e["effect"] > 0 else "tab:blue")
+    ax.set_xticks(range(len(hooks)), hooks)
+    ax.set_yticks([])
+    ax.set_xlim(-0.3, len(hooks) - 0.2)
+    ax.set_title("circuit: node effect on the metric (red +, blue -), edges between consecutive hooks")
+    fig.tight_layout()
+    return fig
