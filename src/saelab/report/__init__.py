@@ -1,0 +1,1 @@
+"""Reports: plots (matplotlib, PNG) of the results the stages write."""
