@@ -490,13 +490,17 @@ def _task_job(args):
         return task_grid(*args)
 
 
-def grid(jobs: list[tuple], n_jobs: int = 1) -> list[list[dict[str, Any]]]:
-    """task_grid over many tasks (args tuples), on n_jobs worker processes (joblib)."""
-    if n_jobs == 1:
-        return [_task_job(a) for a in jobs]
-    from joblib import Parallel, delayed
+def grid(jobs: list[tuple], n_jobs: int = 1, progress: bool = False) -> list[list[dict[str, Any]]]:
+    """task_grid over many tasks (args tuples), on n_jobs worker processes (joblib), in order."""
+    from tqdm.auto import tqdm
 
-    return Parallel(n_jobs=n_jobs, backend="loky")(delayed(_task_job)(a) for a in jobs)
+    if n_jobs == 1:
+        it = (_task_job(a) for a in jobs)
+    else:
+        from joblib import Parallel, delayed
+
+        it = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")(delayed(_task_job)(a) for a in jobs)
+    return list(tqdm(it, total=len(jobs), desc="probe grid (tasks)", disable=not progress))
 
 
 # --- the win rate (the paper's "quiver of arrows") -------------------------------------------------

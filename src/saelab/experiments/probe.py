@@ -85,8 +85,9 @@ class ProbeConfig(StageConfig):
     max_tokens: int = Field(32, ge=2, description="tokens per example (longer texts are cut)")
     batch_size: int = Field(32, gt=0, description="examples per forward pass")
     scr_tpp: bool = Field(True, description="also SAEBench SCR and TPP, at the normal size and the scarcity sizes")
-    scr_pairs: list[str] = Field(default_factory=lambda: list(SCR_PAIRS), description="SCR tasks (two attributes "
-                                 "per row): " + ", ".join(SCR_PAIRS))
+    scr_pairs: list[str] = Field(default_factory=lambda: ["category_number"], description="SCR tasks (two "
+                                 "attributes per row): " + ", ".join(SCR_PAIRS) + " (kind_genre is not a default: "
+                                 "a line's genre is barely decodable, so its oracle is no better than the biased probe)")
     tpp_tasks: list[str] = Field(default_factory=lambda: ["language_id", "pos", "city_continent", "text_source"],
                                  description="TPP tasks (built-in, three or more classes)")
     scr_pool: Literal["last", "mean"] = Field("mean", description="pooling for SCR / TPP (mean, as SAEBench)")
@@ -138,6 +139,24 @@ def task_record(bt: BinaryTask, spec: TaskSpec, data: TaskData, y: np.ndarray, t
             "size": int(len(y)), "train": {"positive": int((y[~test] == 1).sum()), "negative": int((y[~test] == 0).sum())},
             "test": {"positive": int((y[test] == 1).sum()), "negative": int((y[test] == 0).sum())},
             "groups": len(set(data.groups))}
+
+
+# what each part of the stage depends on; a part is reused when its stored config agrees on these
+NOT_GRID = frozenset({"scr_tpp", "scr_pairs", "tpp_tasks", "scr_pool", "analyses"})
+DEPENDS = {"scr": {"run", "model", "dtype", "max_per_class", "max_tokens", "batch_size", "budget", "bootstrap", "seed",
+                   "scr_pool", "scr_pairs"},
+           "tpp": {"run", "model", "dtype", "max_per_class", "max_tokens", "batch_size", "budget", "bootstrap", "seed",
+                   "scr_pool", "tpp_tasks"},
+           "analyses": {"run", "model", "dtype", "max_per_class", "max_tokens", "batch_size", "seed", "tasks", "pool",
+                        "control", "control_cfg"}}
+
+
+def _kept(cfg: ProbeConfig, cls, path):
+    """The result file of an SCR / TPP / analyses part if it was made asking for the same work."""
+    r = _stored(cls, path)
+    if r is None or not cfg.same_work(r.config, exclude=set(ProbeConfig.model_fields) - DEPENDS[cls.KIND]):
+        return None
+    return r
 
 
 def _stored(cls, path):
@@ -194,18 +213,21 @@ def run_grid(cfg: ProbeConfig, fz: Featurizer, probes: list[str], ctrl_probes: l
         jobs.append((bt.name, m, y, data.test[rows], list(cfg.settings),
                      make_probes([*probes, *ctrl_probes], cfg.budget, cfg.seed), cfg.seed, cfg.max_train))
     t0 = time.perf_counter()
-    records = [r for rs in grid(jobs, cfg.n_jobs) for r in rs]
+    records = [r for rs in grid(jobs, cfg.n_jobs, fz.progress) for r in rs]
     fz.seconds["grid"] = round(time.perf_counter() - t0, 1)
     return records, tasks_info, skipped
 
 
-def run_scr_tpp(cfg: ProbeConfig, fz: Featurizer) -> tuple[dict[str, list], dict[str, str]]:
-    """SCR on every pair of cfg.scr_pairs and TPP on every task of cfg.tpp_tasks, at the normal
-    size and the scarcity sizes: (points by kind, skipped tasks with why)."""
+def run_scr_tpp(cfg: ProbeConfig, fz: Featurizer, kinds: tuple[str, ...] = ("scr", "tpp")
+                ) -> tuple[dict[str, list], dict[str, str]]:
+    """SCR on every pair of cfg.scr_pairs and TPP on every task of cfg.tpp_tasks (those of `kinds`),
+    at the normal size and the scarcity sizes: (points by kind, skipped tasks with why)."""
     w_dec = fz.o.sae.W_dec.detach().float().cpu().numpy()
     points: dict[str, list] = {"scr": [], "tpp": []}
     skipped = {}
     for kind, names in (("scr", cfg.scr_pairs), ("tpp", cfg.tpp_tasks)):
+        if kind not in kinds:
+            continue
         for name in names:
             if name not in BUILTINS or (kind == "scr" and name not in SCR_PAIRS):
                 raise ValueError(f"unknown {kind} task {name!r}; built-in: "
@@ -278,7 +300,8 @@ def probe(cfg: ProbeConfig, loaded: LoadedModel | None = None, progress: bool = 
         ctrl_probes = [c for c, s in zip(CONTROL_PROBES, SAE_PROBES, strict=True) if s in probes]
     make_probes([*probes, *ctrl_probes])  # refuse unknown names before any work
     stored = read_json(out / "probe.json") if (out / "probe.json").is_file() else None
-    reused = stored is not None and cfg.same_work(stored.get("config")) and (out / "records.json").is_file()
+    reused = (stored is not None and cfg.same_work(stored.get("config"), exclude=NOT_GRID)
+              and (out / "records.json").is_file())
     seconds: dict = {}
     common = {"run": str(o.run.path), "model": o.model_name, "hook": str(o.hp), "seed": cfg.seed,
               "device": describe(o.loaded.device), "config": cfg.model_dump(mode="json")}
@@ -292,13 +315,13 @@ def probe(cfg: ProbeConfig, loaded: LoadedModel | None = None, progress: bool = 
         write_json(out / "tasks.json", tasks_info)
     extra = []
     if cfg.scr_tpp:
-        kept = [_stored(cls, out / Path(cls.FILE).name) for cls in (ScrResult, TppResult)] if reused else []
-        if kept and all(r is not None for r in kept):
-            extra += kept
-        else:
+        kept = {c.KIND: _kept(cfg, c, out / Path(c.FILE).name) for c in (ScrResult, TppResult)}
+        extra += [r for r in kept.values() if r is not None]
+        todo = tuple(k for k, r in kept.items() if r is None)
+        if todo:
             fz = fz or Featurizer(cfg, o, ecfg, out, bool(ctrl_probes), progress)
             t1 = time.perf_counter()
-            points, skipped_st = run_scr_tpp(cfg, fz)
+            points, skipped_st = run_scr_tpp(cfg, fz, todo)
             wall = fz.seconds["scr_tpp"] = round(time.perf_counter() - t1, 1)
             for cls, kind in ((ScrResult, "scr"), (TppResult, "tpp")):
                 if points[kind]:
@@ -311,7 +334,7 @@ def probe(cfg: ProbeConfig, loaded: LoadedModel | None = None, progress: bool = 
                     r.write(out / Path(cls.FILE).name)
                     extra.append(r)
     if cfg.analyses:
-        kept_a = _stored(ProbeAnalysesResult, out / "analyses.json") if reused else None
+        kept_a = _kept(cfg, ProbeAnalysesResult, out / "analyses.json")
         if kept_a is not None:
             extra.append(kept_a)
         else:
