@@ -19,8 +19,8 @@ Hyperparameters are chosen on the training rows only, by mean validation ROC-AUC
 paper's splits (`utils_training.get_cv`): leave-pair-out for 4 <= n <= 12 (pairs holding both
 classes), stratified 6-fold for n < 128, one stratified holdout of min(20%, 100) rows above;
 below 4 rows there is no split and each probe keeps its default. Every probe gets the same
-budget: `budget` configurations (4 by default, at most 8), scored on the same splits; scaling and the SAE
-probe's latent ranking are refit inside each split.
+budget: `budget` configurations (4 by default, at most 8), scored on the same splits; scaling
+and the SAE probe's latent ranking are refit inside each split.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class Probe:
     name: str = ""
     features: str = "resid"  # which matrix it reads: "resid" (x) or "sae" (z)
 
-    def __init__(self, budget: int = 8, seed: int = 0, name: str | None = None, features: str | None = None):
+    def __init__(self, budget: int = 4, seed: int = 0, name: str | None = None, features: str | None = None):
         self.budget, self.seed = budget, seed
         self.name, self.features = name or self.name, features or self.features
 
@@ -401,7 +401,7 @@ PROBES: dict[str, type[Probe]] = {p.name: p for p in (LogReg, PCALogReg, KNN, GB
 CONTROL_PREFIX = "ctrl_"  # the randomized-model SAE's probes: ctrl_topk, ctrl_all read its latents
 
 
-def make_probes(names: list[str], budget: int = 8, seed: int = 0) -> list[Probe]:
+def make_probes(names: list[str], budget: int = 4, seed: int = 0) -> list[Probe]:
     """Probes by name; `ctrl_topk` / `ctrl_all` are the SAE probes on the control SAE's latents."""
     out = []
     for n in names:
