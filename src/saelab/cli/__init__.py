@@ -12,9 +12,10 @@ import sys
 import typer
 
 from saelab.activations.harvest import HarvestConfig
-from saelab.cli import circuits, data, formats, ledger, pages, stages
+from saelab.cli import circuits, data, formats, ledger, pages, probe, stages
 from saelab.config import Config
 from saelab.experiments.evaluate import EvalConfig
+from saelab.experiments.probe import ProbeConfig
 from saelab.experiments.quickstart import QuickstartConfig
 from saelab.train.fly import FlyTrainConfig
 from saelab.train.trainer import TrainConfig
@@ -26,9 +27,10 @@ app.add_typer(ledger.app, name="ledger")
 app.registered_commands += (formats.app.registered_commands + pages.app.registered_commands
                              + circuits.app.registered_commands)
 stages.register(app)
+probe.register(app)
 
 STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "train-fly": FlyTrainConfig,
-                                   "eval": EvalConfig, "quickstart": QuickstartConfig}
+                                   "eval": EvalConfig, "probe": ProbeConfig, "quickstart": QuickstartConfig}
 
 
 @app.command("config")

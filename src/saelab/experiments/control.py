@@ -90,8 +90,11 @@ def training_settings(run: RunDir, sae: SparseCoder) -> dict[str, Any]:
     return optim
 
 
-def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], loaded: LoadedModel,
-                       hp: HookPoint, positions: Positions, progress: bool = True) -> ControlResult:
+def random_model_coder(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], loaded: LoadedModel, hp: HookPoint,
+                       positions: Positions, progress: bool = True) -> tuple[LoadedModel, RunDir, dict[str, float]]:
+    """The control's randomized model and the SAE trained on it (harvest -> train with the real run's
+    settings at the control's budgets), reused when <out>/store and <out>/sae already hold them.
+    Returns (randomized model, its SAE's run directory, wall seconds of harvest and train)."""
     c = cfg.control
     run = RunDir(cfg.run)
     out = Path(c.out or run.path / "control")
@@ -116,6 +119,14 @@ def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], 
     tdata = {**settings, **sub, "store": str(store.path), "runs_dir": str(out), "name": "sae",
              "tokens": c.train_tokens, "smoke": False, "val_store": None}
     rand_run = train(TrainConfig(**tdata), progress=progress)
+    return rand, rand_run, {"harvest": round(t1 - t0, 2), "train": round(time.perf_counter() - t1, 2)}
+
+
+def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], loaded: LoadedModel,
+                       hp: HookPoint, positions: Positions, progress: bool = True) -> ControlResult:
+    c = cfg.control
+    t0 = time.perf_counter()
+    rand, rand_run, built = random_model_coder(cfg, sae, meta, loaded, hp, positions, progress)
     t2 = time.perf_counter()
     rand_sae, _ = load_sae(rand_run.checkpoint_dir)
     rand_cfg = cfg.model_copy(update={"tokens": c.tokens, "ce_tokens": c.ce_tokens})
@@ -150,5 +161,5 @@ def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], 
                                                                "kl_to_clean", "eval_tokens")},
         budget={"harvest_tokens": c.harvest_tokens, "train_tokens": c.train_tokens, "eval_tokens": c.tokens,
                 "ce_tokens": c.ce_tokens},
-        wall_seconds={"harvest": round(t1 - t0, 2), "train": round(t2 - t1, 2), "eval_random": round(t3 - t2, 2),
+        wall_seconds={**built, "eval_random": round(t3 - t2, 2),
                       "compare": round(t4 - t3, 2), "total": round(t4 - t0, 2)})

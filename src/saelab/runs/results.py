@@ -424,6 +424,151 @@ class ControlResult(_SuiteEval):
                           *(f"  {k:<34} {g.cell()}" for k, g in self.gaps.items())])
 
 
+class ProbeSettingResult(Result):
+    """One data regime of `saelab probe` over every task (RUN/probe/winrate_<setting>.json): each
+    probe's mean test AUC, and the win rate of the SAE probes (the paper's quiver of arrows)."""
+
+    STAGE: ClassVar[str] = "probe"
+    KIND: ClassVar[str] = "winrate"
+    FILE: ClassVar[str] = "probe/winrate.json"  # the stage writes one per setting: probe/winrate_<setting>.json
+    PRIMARY: ClassVar[str | None] = "sae"
+
+    stage: str = "probe"
+    setting: str
+    run: str | None = None
+    model: str | None = None
+    hook: str | None = None
+    pool: str
+    seed: int = 0
+    tasks: list[str]
+    skipped_tasks: dict[str, str] = {}
+    points: int  # (task, point) pairs in the win rate
+    points_without_validation: int  # n_train < 4: no split, left out of the win rate
+    test_auc: dict[str, Estimate]  # probe -> mean over tasks of its mean test AUC over the task's points
+    test_acc: dict[str, Estimate]
+    quiver: dict[str, Comparison]  # extra probes -> pick among baselines + extra (a) vs baselines only (b)
+    picked: dict[str, Estimate]  # extra probes -> share of each task's points where an extra probe is picked
+    curve: list[dict[str, Any]]  # per point of the regime: means over tasks (for the plots)
+    method: str
+    wall_seconds: float | None = None
+    device: str | None = None
+    config: dict[str, Any] = {}
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return dict(self.quiver)
+
+    def headline(self) -> dict[str, float]:
+        out = {}
+        for k, c in self.quiver.items():
+            out |= {f"{k}_picked": self.picked[k].mean, f"{k}_test_auc_with": c.a, f"{k}_test_auc_without": c.b}
+        return out | {f"{p}_test_auc": e.mean for p, e in self.test_auc.items()}
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "seed": self.seed, "wall_seconds": self.wall_seconds,
+                "data_source": f"{len(self.tasks)} binary tasks", "data_slice": f"{self.setting} ({self.pool} token)"
+                if self.pool == "last" else f"{self.setting} (mean-pooled)", "device": self.device}
+
+    def table(self) -> str:
+        lines = [f"{self.setting} ({len(self.tasks)} tasks, {self.points} task-points; {self.pool} pooling)",
+                 "  mean test AUC over tasks [95% CI]: " + ", ".join(
+                     f"{p} {e.mean:.3f} [{e.ci95[0]:.3f}, {e.ci95[1]:.3f}]" for p, e in self.test_auc.items())]
+        for k, c in self.quiver.items():
+            e = self.picked[k]
+            lines.append(f"  +{k:<10} picked {e.mean:.1%} of points; test AUC {c.a:.4f} vs baselines {c.b:.4f}, "
+                         f"diff {c.diff:+.4f} [{c.diff_ci95[0]:+.4f}, {c.diff_ci95[1]:+.4f}]")
+        return "\n".join(lines)
+
+
+class _ProbeExtra(Result):
+    """A result of `saelab probe` beside the regimes (RUN/probe/<file>)."""
+
+    STAGE: ClassVar[str] = "probe"
+
+    stage: str = "probe"
+    run: str | None = None
+    model: str | None = None
+    hook: str | None = None
+    pool: str
+    seed: int = 0
+    method: str
+    wall_seconds: float | None = None
+    device: str | None = None
+    config: dict[str, Any] = {}
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "seed": self.seed, "wall_seconds": self.wall_seconds,
+                "data_slice": f"{self.KIND} ({self.pool} pooling)", "device": self.device}
+
+
+class ScrTppResult(_ProbeExtra):
+    """SAEBench SCR or TPP: per task and probe training size, the score after ablating the SAE's
+    top-n latents vs n random ones (paired bootstrap CIs); primary: the mean over tasks at the
+    normal size and n = 20 latents."""
+
+    PRIMARY: ClassVar[str | None] = "mean_normal_top20"
+
+    kind: str  # "scr" or "tpp"
+    tasks: list[str]
+    skipped_tasks: dict[str, str] = {}
+    n_values: list[int]
+    points: list[dict[str, Any]]  # one per (task, setting, n_train): the scores at every n
+    summary: dict[str, Comparison]  # mean over tasks, per setting and n: SAE latents (a) vs random (b)
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return dict(self.summary)
+
+    def headline(self) -> dict[str, float]:
+        return {f"{self.kind}_{k}": c.a for k, c in self.summary.items() if k.startswith("mean_normal")}
+
+    def facts(self) -> dict[str, Any]:
+        return super().facts() | {"data_source": ", ".join(self.tasks)}
+
+    def table(self) -> str:
+        lines = [f"{self.kind.upper()} (SAE top-n latents vs n random ones, mean over {len(self.tasks)} tasks)"]
+        lines += [f"  {k:<28} {c.cell()}" for k, c in self.summary.items() if k.startswith("mean_normal")]
+        return "\n".join(lines)
+
+
+class ScrResult(ScrTppResult):
+    """SAEBench SCR (RUN/probe/scr.json)."""
+
+    KIND: ClassVar[str] = "scr"
+    FILE: ClassVar[str] = "probe/scr.json"
+
+    kind: str = "scr"
+
+
+class TppResult(ScrTppResult):
+    """SAEBench TPP (RUN/probe/tpp.json)."""
+
+    KIND: ClassVar[str] = "tpp"
+    FILE: ClassVar[str] = "probe/tpp.json"
+
+    kind: str = "tpp"
+
+
+class ProbeAnalysesResult(_ProbeExtra):
+    """Interpretability analyses of the SAE probes (RUN/probe/analyses.json): JS separability of
+    top latents, Gini selectivity and Jaccard reuse across tasks, cluster separation."""
+
+    KIND: ClassVar[str] = "analyses"
+    FILE: ClassVar[str] = "probe/analyses.json"
+
+    separability: dict[str, list[dict[str, float]]]  # task -> top latents' JS divergence
+    selectivity: dict[str, Any]
+    clusters: dict[str, dict[str, dict[str, float]]]  # task -> space -> CH / DB / silhouette
+
+    def headline(self) -> dict[str, float]:
+        js = [v["js"] for lat in self.separability.values() for v in lat[:1]]
+        out = {"top1_js_mean": float(sum(js) / len(js)) if js else float("nan"),
+               "gini_mean": self.selectivity["gini"]["mean"], "jaccard_mean": self.selectivity["jaccard_mean_offdiag"]}
+        for space in ("resid", "sae"):
+            vals = [c[space]["silhouette"] for c in self.clusters.values() if space in c]
+            if vals:
+                out[f"silhouette_{space}_mean"] = float(sum(vals) / len(vals))
+        return out
+
+
 class QuickstartResult(Result):
     """harvest -> train -> core eval on the embedded defaults (quickstart.json)."""
 
@@ -479,4 +624,5 @@ class QuickstartResult(Result):
 
 EVAL_RESULTS: dict[str, type[Result]] = {"core": CoreResult, "probing": ProbingResult,
                                          "absorption": AbsorptionResult, "control": ControlResult}
-RESULTS: tuple[type[Result], ...] = (TrainResult, *EVAL_RESULTS.values(), QuickstartResult)
+RESULTS: tuple[type[Result], ...] = (TrainResult, *EVAL_RESULTS.values(), ProbeSettingResult, ScrResult,
+                                     TppResult, ProbeAnalysesResult, QuickstartResult)
