@@ -12,10 +12,11 @@ import sys
 import typer
 
 from saelab.activations.harvest import HarvestConfig
-from saelab.cli import data, formats, ledger, stages
+from saelab.cli import data, formats, interventions, ledger, stages
 from saelab.config import Config
 from saelab.experiments.evaluate import EvalConfig
 from saelab.experiments.quickstart import QuickstartConfig
+from saelab.experiments.steer import SteerConfig
 from saelab.train.fly import FlyTrainConfig
 from saelab.train.trainer import TrainConfig
 
@@ -25,9 +26,11 @@ app.add_typer(data.app, name="data")
 app.add_typer(ledger.app, name="ledger")
 app.registered_commands += formats.app.registered_commands
 stages.register(app)
+interventions.register(app)
 
 STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "train-fly": FlyTrainConfig,
-                                   "eval": EvalConfig, "quickstart": QuickstartConfig}
+                                   "eval": EvalConfig, "quickstart": QuickstartConfig,
+                                   "steer": SteerConfig}
 
 
 @app.command("config")

@@ -41,9 +41,9 @@ class Lens:
     bottom_scores: torch.Tensor
 
     def tokens(self, tokenizer, i: int) -> dict[str, list[tuple[str, float]]]:
-        """Direction i's promoted / suppressed tokens as (token text, score) pairs."""
+        """Direction i's promoted / suppressed tokens as [token text, score] pairs."""
         def pairs(ids, scores):
-            return [(tokenizer.decode([int(t)]), round(float(s), 4)) for t, s in zip(ids[i], scores[i], strict=True)]
+            return [[tokenizer.decode([int(t)]), round(float(s), 4)] for t, s in zip(ids[i], scores[i], strict=True)]
         return {"promoted": pairs(self.top_ids, self.top_scores),
                 "suppressed": pairs(self.bottom_ids, self.bottom_scores)}
 
