@@ -667,8 +667,9 @@ def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
             if e.get("event") == "record":
                 row = e["row"]
                 if row["run_dir"] != here:
+                    row["result_file"] = row["result_file"] and _abs(log.parent / _inside(row["result_file"],
+                                                                                          row["run_dir"]))
                     row["run_dir"] = here
-                    row["result_file"] = row["result_file"] and _abs(log.parent / Path(row["result_file"]).name)
                 logged.add((row["stage"], row["result_file"]))
             events.append(e)
 
@@ -701,6 +702,14 @@ def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
         _, inserted = led.insert(row, cmps)
         backfilled += inserted
     return {"replayed": replayed, "backfilled": backfilled}
+
+
+def _inside(result_file: str, run_dir: str | None) -> Path:
+    """A result file's path relative to its run directory (e.g. steer/sentiment.json), else its name."""
+    try:
+        return Path(result_file).relative_to(run_dir or "")
+    except ValueError:
+        return Path(Path(result_file).name)
 
 
 def _legacy_results(root: Path) -> Iterator[tuple[Result, Path, Path]]:
