@@ -14,6 +14,7 @@ import typer
 from saelab.activations.harvest import HarvestConfig
 from saelab.cli import data, formats, interventions, ledger, stages
 from saelab.config import Config
+from saelab.experiments.ablate import AblateConfig
 from saelab.experiments.evaluate import EvalConfig
 from saelab.experiments.quickstart import QuickstartConfig
 from saelab.experiments.steer import SteerConfig
@@ -30,7 +31,7 @@ interventions.register(app)
 
 STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "train-fly": FlyTrainConfig,
                                    "eval": EvalConfig, "quickstart": QuickstartConfig,
-                                   "steer": SteerConfig}
+                                   "steer": SteerConfig, "ablate": AblateConfig}
 
 
 @app.command("config")

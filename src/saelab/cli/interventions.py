@@ -8,11 +8,13 @@ from pathlib import Path
 import typer
 
 from saelab.cli.common import ConfigOpt, SetOpt, build, ledger_line, opt, stage_command, user_errors
+from saelab.experiments.ablate import AblateConfig
 from saelab.experiments.steer import QUICK, SteerConfig
 
 
 def register(app: typer.Typer) -> None:
     app.command("steer")(steer)
+    app.command("ablate")(ablate)
 
 
 @user_errors
@@ -44,6 +46,35 @@ def steer(
     result = run_steer(cfg)
     typer.echo(result.table())
     typer.echo(f"written: {cfg.result_file()}" + (f", {result.plot}" if result.plot else f" ({result.plot_note})"))
+    typer.echo(ledger_line(record_line(result, cfg)))
+
+
+@user_errors
+@stage_command(AblateConfig)
+def ablate(
+    run: str | None = typer.Argument(None, help=AblateConfig.model_fields["run"].description),
+    config: Path | None = ConfigOpt,
+    latents: str | None = typer.Option(None, help=AblateConfig.model_fields["latents"].description +
+                                       "; comma-separated, e.g. 12,40,311"),
+    top: int | None = opt(AblateConfig, "top"),
+    mode: str | None = opt(AblateConfig, "mode"),
+    tokens: int | None = opt(AblateConfig, "tokens"),
+    name: str | None = opt(AblateConfig, "name"),
+    set_: list[str] | None = SetOpt,
+    *, stage: dict,
+) -> None:
+    """Zero- or mean-ablate SAE latents with the SAE spliced in and its error kept.
+
+    Delta CE per latent (and for the set at once) with a 95% CI over contexts, the tokens each latent
+    moves, its logit lens. Results in RUN/ablate/<name>.json and the ledger."""
+    from saelab.experiments.ablate import run_ablate
+
+    ids = [int(x) for x in latents.split(",") if x.strip()] if latents else None
+    cfg = build(AblateConfig, config, {"run": run, "latents": ids, "top": top, "mode": mode, "tokens": tokens,
+                                       "name": name, **stage}, set_)
+    result = run_ablate(cfg)
+    typer.echo(result.table())
+    typer.echo(f"written: {cfg.result_file()}")
     typer.echo(ledger_line(record_line(result, cfg)))
 
 
