@@ -41,8 +41,8 @@ PROMPTS = [f"prompt number {i}: " for i in range(12)]
 def test_alpha_zero_reproduces_unsteered_generation_exactly(tiny_loaded):
     ids = prompt_ids(tiny_loaded, ["def f(x):", "import os, sys", "x"], Positions())  # different lengths
     rows = [p for p in ids for _ in range(4)]
-    u = torch.cat([uniforms(0, i, 4, 16) for i in range(3)])
-    sampling = Sampling(max_new_tokens=16, temperature=1.0, top_p=0.9, batch_size=5)
+    u = torch.cat([uniforms(0, i, 4, 10) for i in range(3)])
+    sampling = Sampling(max_new_tokens=10, temperature=1.0, top_p=0.9, batch_size=6)
     clean = sample(tiny_loaded, HP, rows, None, u, sampling)  # no hook at all
     d = tiny_loaded.model.config.hidden_size
     v = random_direction(d, 0).unit

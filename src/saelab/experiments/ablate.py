@@ -10,9 +10,8 @@ from pathlib import Path
 from pydantic import Field
 
 from saelab.config import StageConfig
-from saelab.experiments.evaluate import open_run
+from saelab.experiments.evaluate import open_run, reusable
 from saelab.intervene.ablate import AblateSettings, ablate
-from saelab.io import read_json
 from saelab.models.load import LoadedModel
 from saelab.runs.ledger import check_ledger, record
 from saelab.runs.results import AblateResult
@@ -30,17 +29,9 @@ class AblateConfig(StageConfig, AblateSettings):
         return Path(self.run) / "ablate" / f"{name}.json"
 
 
-def stored(cfg: AblateConfig) -> AblateResult | None:
-    path = cfg.result_file()
-    if not path.is_file():
-        return None
-    data = read_json(path)
-    if not cfg.same_work(data.get("config"), exclude={"run"}):
-        return None
-    try:
-        return AblateResult.model_validate(data)
-    except ValueError:
-        return None
+def stored(cfg) -> AblateResult | None:
+    """The result file if it was made with a config asking for the same work."""
+    return reusable(AblateResult, cfg.result_file(), cfg, {"run"})
 
 
 def run_ablate(cfg: AblateConfig, loaded: LoadedModel | None = None, progress: bool = True) -> AblateResult:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
-from saelab.config import StageConfig
+from saelab.config import Config, StageConfig
 from saelab.data.tokens import Positions
 from saelab.device import describe, resolve_device
 from saelab.evals.absorption import AbsorptionConfig, absorption
@@ -31,6 +31,7 @@ from saelab.runs.rundir import RunDir
 from saelab.saes.base import SparseCoder, load_sae
 
 SUITE = tuple(EVAL_RESULTS)
+R = TypeVar("R", bound=Result)
 
 
 class EvalConfig(StageConfig, CoreConfig):
@@ -114,18 +115,23 @@ def _compute(name: str, cfg: EvalConfig, o: OpenRun, progress: bool) -> Result:
     return randomized_control(cfg, o.sae, o.meta, o.loaded, o.hp, o.positions, progress)
 
 
-def stored_result(name: str, cfg: EvalConfig, run: RunDir) -> Result | None:
-    """The result file of eval `name` if it was made with a config asking for the same work."""
-    path = run.path / EVAL_RESULTS[name].FILE
+def reusable(cls: type[R], path: Path, cfg: Config, exclude: set[str]) -> R | None:
+    """The result in `path` if it was made with a config asking for the same work as cfg (the
+    fields in `exclude` left out), else None."""
     if not path.is_file():
         return None
     data = read_json(path)
-    if not cfg.same_work(data.get("config"), exclude=cfg.not_used_by(name)):
+    if not cfg.same_work(data.get("config"), exclude=exclude):
         return None
     try:
-        return EVAL_RESULTS[name].model_validate(data)
+        return cls.model_validate(data)
     except ValueError:
         return None  # written by an older saelab in another shape: recompute
+
+
+def stored_result(name: str, cfg: EvalConfig, run: RunDir) -> Result | None:
+    """The result file of eval `name` if it was made with a config asking for the same work."""
+    return reusable(EVAL_RESULTS[name], run.path / EVAL_RESULTS[name].FILE, cfg, cfg.not_used_by(name))
 
 
 @dataclass

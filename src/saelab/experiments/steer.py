@@ -16,7 +16,7 @@ from pydantic import Field
 
 from saelab.config import StageConfig
 from saelab.data.tasks import builtin_spec, load_task
-from saelab.experiments.evaluate import open_run
+from saelab.experiments.evaluate import open_run, reusable
 from saelab.hookpoints import HookPoint
 from saelab.intervene.judge import ProbeJudge, VaderJudge
 from saelab.intervene.steer import (
@@ -33,7 +33,7 @@ from saelab.intervene.steer import (
     sae_direction,
     steer,
 )
-from saelab.io import atomic_write, read_json
+from saelab.io import atomic_write
 from saelab.models.hooks import n_layers, resolve
 from saelab.models.load import LoadedModel
 from saelab.runs.ledger import check_ledger, record
@@ -55,18 +55,9 @@ class SteerConfig(StageConfig, SteerSettings):
         return Path(self.run) / "steer" / f"{self.name}.json"
 
 
-def stored(cfg: SteerConfig) -> SteerResult | None:
+def stored(cfg) -> SteerResult | None:
     """The result file if it was made with a config asking for the same work."""
-    path = cfg.result_file()
-    if not path.is_file():
-        return None
-    data = read_json(path)
-    if not cfg.same_work(data.get("config"), exclude={"run"}):
-        return None
-    try:
-        return SteerResult.model_validate(data)
-    except ValueError:
-        return None
+    return reusable(SteerResult, cfg.result_file(), cfg, {"run"})
 
 
 def _lines(path: str) -> list[str]:

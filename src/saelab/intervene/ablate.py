@@ -46,13 +46,12 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from saelab.activations.rows import kept_rows
-from saelab.config import Config
-from saelab.data.corpus import iter_documents
-from saelab.data.tokens import Positions, batches, contexts, shuffled
+from saelab.data.tokens import Positions
 from saelab.device import describe, peak_memory_bytes, reset_peak
-from saelab.evals.core import scored_positions
+from saelab.evals.core import scored_positions, validation_batches
 from saelab.evals.stats import compare
 from saelab.hookpoints import HookPoint
+from saelab.intervene import InterventionSettings
 from saelab.intervene.lens import logit_lens
 from saelab.models.hooks import forward_from, run_with_patch
 from saelab.models.load import LoadedModel
@@ -60,7 +59,7 @@ from saelab.runs.results import AblateResult, LatentAblation
 from saelab.saes.base import SparseCoder
 
 
-class AblateSettings(Config):
+class AblateSettings(InterventionSettings):
     """What an ablation run computes (the stage's config adds the run directory and where it runs)."""
 
     latents: list[int] = Field(default_factory=list, description="latents to ablate, each one alone (and all "
@@ -79,9 +78,6 @@ class AblateSettings(Config):
     batch_size: int = Field(8, gt=0, description="contexts per caching pass and per clean pass")
     rows: int = Field(8, gt=0, description="ablated contexts per forward pass")
     top_tokens: int = Field(10, gt=0, description="tokens listed per latent (moves and logit lens)")
-    bootstrap: int = Field(1000, gt=0, description="bootstrap resamples for CIs")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
-    seed: int = 0
 
 
 @dataclass
@@ -100,14 +96,6 @@ class Cached:
     excluded: dict[str, int] = field(default_factory=dict)
 
 
-def eval_batches(cfg: AblateSettings, loaded: LoadedModel, positions: Positions):
-    docs = shuffled(iter_documents(cfg.text, cfg.split, cfg.text_field), cfg.seed)
-    if not docs:
-        raise ValueError(f"text source {cfg.text!r} has no documents in split {cfg.split!r}")
-    return batches(contexts(docs, loaded.tokenizer, cfg.ctx_len, positions.prepend_bos), cfg.batch_size,
-                   loaded.tokenizer.pad_token_id)
-
-
 @torch.no_grad()
 def cache(cfg: AblateSettings, sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, positions: Positions,
           latents: list[int] | None, top: int | None = None) -> Cached:
@@ -117,7 +105,7 @@ def cache(cfg: AblateSettings, sae: SparseCoder, loaded: LoadedModel, hp: HookPo
     n_scored = 0
     excluded: dict[str, int] = {}
     T = cfg.ctx_len
-    for batch in eval_batches(cfg, loaded, positions):
+    for batch in validation_batches(cfg, loaded, positions):  # the core eval's contexts (cfg: same fields)
         if n_scored >= cfg.tokens:
             break
         kept = kept_rows(loaded.model, [hp], batch, loaded.tokenizer, positions)

@@ -54,7 +54,6 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from saelab.activations.rows import kept_rows
-from saelab.config import Config
 from saelab.data.tasks import TaskSpec
 from saelab.data.tokens import Context, Positions, batches
 from saelab.device import describe, peak_memory_bytes, reset_peak
@@ -62,6 +61,7 @@ from saelab.evals.metrics import token_ce
 from saelab.evals.probing import pooled_features
 from saelab.evals.stats import compare, mean_ci
 from saelab.hookpoints import HookPoint
+from saelab.intervene import InterventionSettings
 from saelab.intervene.lens import logit_lens
 from saelab.models.hooks import add
 from saelab.models.load import LoadedModel
@@ -113,7 +113,7 @@ DEFINITIONS = {
 }
 
 
-class SteerSettings(Config):
+class SteerSettings(InterventionSettings):
     """What a steering run computes (the stage's config adds the run directory and where it runs)."""
 
     directions: list[Literal["sae", "dom", "random", "file"]] = Field(
@@ -160,9 +160,6 @@ class SteerSettings(Config):
                                "unsteered perplexity")
     batch_size: int = Field(64, gt=0, description="sequences per generation / scoring batch")
     max_tokens: int = Field(32, ge=2, description="tokens per concept-task text (longer are cut)")
-    bootstrap: int = Field(1000, gt=0, description="bootstrap resamples for CIs")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
-    seed: int = 0
 
 
 # --- directions ---------------------------------------------------------------------------------------

@@ -515,7 +515,19 @@ class ChosenAlpha(BaseModel):
     reason: str
 
 
-class SteerResult(Result):
+class _Intervention(Result):
+    """Fields a steering and an ablation result share: where it ran, how long, with what config."""
+
+    run: str | None = None
+    definitions: dict[str, str] = {}
+    seed: int = 0
+    wall_seconds: dict[str, float]
+    device: str | None = None
+    peak_memory_bytes: int | None = None
+    config: dict[str, Any] = {}
+
+
+class SteerResult(_Intervention):
     """Steering: every direction's scan, chosen alpha and the head-to-head (RUN/steer/<name>.json)."""
 
     STAGE: ClassVar[str] = "steer"
@@ -525,7 +537,6 @@ class SteerResult(Result):
 
     stage: str = "steer"
     name: str = "sentiment"
-    run: str | None = None
     model: str
     hook: str
     concept: str
@@ -544,15 +555,9 @@ class SteerResult(Result):
     head_to_head: dict[str, Comparison]
     fluency_cap: float
     examples: dict[str, list[str]] = {}
-    definitions: dict[str, str] = {}
     plot: str | None = None
     plot_note: str | None = None
     generations_file: str | None = None
-    seed: int = 0
-    wall_seconds: dict[str, float]
-    device: str | None = None
-    peak_memory_bytes: int | None = None
-    config: dict[str, Any] = {}
 
     def primary(self) -> str | None:
         return self.PRIMARY if self.PRIMARY in self.head_to_head else next(iter(self.head_to_head), None)
@@ -609,7 +614,7 @@ class LatentAblation(BaseModel):
     lens: dict[str, list[Any]] = {}
 
 
-class AblateResult(Result):
+class AblateResult(_Intervention):
     """Latent ablation with the SAE spliced in and its error kept (RUN/ablate/<name>.json)."""
 
     STAGE: ClassVar[str] = "ablate"
@@ -618,7 +623,6 @@ class AblateResult(Result):
 
     stage: str = "ablate"
     name: str = "ablate"
-    run: str | None = None
     model: str
     hook: str
     mode: str
@@ -633,12 +637,6 @@ class AblateResult(Result):
     positions: dict[str, Any]
     excluded: dict[str, int] = {}
     engine: dict[str, Any] = {}
-    definitions: dict[str, str] = {}
-    seed: int = 0
-    wall_seconds: dict[str, float]
-    device: str | None = None
-    peak_memory_bytes: int | None = None
-    config: dict[str, Any] = {}
 
     def primary(self) -> str | None:
         """The whole set ablated at once (no latent picked after the fact), or the one latent."""
