@@ -110,6 +110,8 @@ def test_a_random_direction_barely_moves_the_judge_while_a_real_one_does(e_steer
     real, rand = r.head_to_head["file_vs_baseline"], r.head_to_head["random_vs_file"]
     assert real.conclusive and real.diff > 0 and rand.conclusive and rand.diff < 0  # so the judge can fail it
     assert abs(r.head_to_head["random_vs_baseline"].diff) <= 0.1
+    same = r.head_to_head["file_vs_random_same_alpha"]  # the same push in a random direction does not do it
+    assert same.conclusive and same.diff > 0
 
 
 def test_the_fluency_cap_excludes_a_huge_alpha(e_steering):
@@ -204,10 +206,10 @@ def test_steer_through_the_cli(tiny_sae_run, tmp_path):
     sets += ["--set", "concept_task.name=sentiment", "--set", "concept_task.source=builtin:sentiment",
              "--set", "concept_task.group_field=group", "--set", "concept_task.max_per_class=40",
              "--set", "concept_task.min_test=5"]
-    r = CliRunner().invoke(app, ["steer", str(tiny_sae_run.path), "--quick", "--name", "cli", "--ledger",
-                                 str(tmp_path / "l.sqlite"), *sets])
+    r = CliRunner().invoke(app, ["steer", str(tiny_sae_run.path), "--quick", "--ledger", str(tmp_path / "l.sqlite"),
+                                 *sets])
     assert r.exit_code == 0, r.output
     assert "head to head" in r.output and "ledger: steer-0001" in r.output
-    assert (tiny_sae_run.path / "steer" / "cli.json").is_file()
+    assert (tiny_sae_run.path / "steer" / "sentiment-quick.json").is_file()  # the preset's name, --set's budget
     bad = CliRunner().invoke(app, ["steer", str(tiny_sae_run.path), "--set", "n_prompts=500", "--ledger", "none"])
     assert bad.exit_code == 2 and "candidate prompts" in bad.output

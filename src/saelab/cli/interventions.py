@@ -40,9 +40,9 @@ def steer(
     from saelab.experiments.steer import run_steer
 
     alpha_list = [float(a) for a in alphas.split(",") if a.strip()] if alphas else None
-    preset = dict(QUICK) if quick else {}
-    cfg = build(SteerConfig, config, {**preset, "run": run, "name": name, "latent": latent, "judge": judge,
-                                      "alphas": alpha_list, **stage}, set_)
+    flags = {"run": run, "name": name, "latent": latent, "judge": judge, "alphas": alpha_list, **stage}
+    preset = dict(QUICK) if quick else {}  # flags given override the preset, --set overrides both
+    cfg = build(SteerConfig, config, {**preset, **{k: v for k, v in flags.items() if v is not None}}, set_)
     result = run_steer(cfg)
     typer.echo(result.table())
     typer.echo(f"written: {cfg.result_file()}" + (f", {result.plot}" if result.plot else f" ({result.plot_note})"))

@@ -41,7 +41,7 @@ from saelab.runs.results import SteerResult
 
 # `--quick`: a few prompts and coefficients (minutes on 2 CPU cores)
 QUICK: dict[str, Any] = {"name": "sentiment-quick", "candidates": 16, "n_prompts": 8, "calibration_generations": 4,
-                         "generations": 4, "alphas": [0.5, 1.0, 2.0, 4.0], "max_new_tokens": 24}
+                         "generations": 4, "alphas": [0.1, 0.2, 0.4], "max_new_tokens": 24}
 
 
 class SteerConfig(StageConfig, SteerSettings):

@@ -104,7 +104,8 @@ DEFINITIONS = {
     "fluency_cap": "an alpha is allowed when its perplexity <= fluency_cap x the unsteered perplexity (same half)",
     "chosen_alpha": "highest success among allowed alphas on the choose half (ties: smaller alpha; 0 always allowed)",
     "head_to_head": "success at each direction's chosen alpha on the report half, paired by prompt (the same prompts "
-                    "and sampling random numbers): a, b, a - b, paired percentile bootstrap 95% CIs over prompts",
+                    "and sampling random numbers): a, b, a - b, paired percentile bootstrap 95% CIs over prompts; "
+                    "<x>_vs_random_same_alpha: x against the random direction at x's chosen alpha (the same push)",
     "calibration": "candidate prompts ranked by |unsteered success - 0.5| on separate calibration samples; the closest "
                    "n_prompts kept",
     "latent_choice": "on the concept's train texts only: 'activation' = the latent with the largest mean activation "
@@ -145,15 +146,15 @@ class SteerSettings(InterventionSettings):
     prompts: list[str] | None = Field(None, description="candidate prompts (default: the built-in neutral openings)")
     prompts_file: str | None = Field(None, description="a text file of candidate prompts, one per line")
     candidates: int | None = Field(None, gt=0, description="use only the first N candidate prompts")
-    n_prompts: int = Field(24, ge=2, description="prompts kept after calibration (split into choose / report halves)")
-    calibration_generations: int = Field(8, gt=0, description="unsteered samples per candidate for calibration")
-    generations: int = Field(8, gt=0, description="samples per prompt and condition")
-    alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0],
+    n_prompts: int = Field(20, ge=2, description="prompts kept after calibration (split into choose / report halves)")
+    calibration_generations: int = Field(6, gt=0, description="unsteered samples per candidate for calibration")
+    generations: int = Field(6, gt=0, description="samples per prompt and condition")
+    alphas: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3, 0.45],
                                 description="steering coefficients (x the residual RMS norm s); 0, the unsteered "
                                 "baseline, is always run")
     steer_positions: Literal["all", "generated"] = Field("all", description="add the vector at every position or "
                                                          "only where the continuation is written")
-    max_new_tokens: int = Field(32, gt=0, description="tokens generated per sample")
+    max_new_tokens: int = Field(24, gt=0, description="tokens generated per sample")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (0: greedy)")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass")
     fluency_cap: float = Field(1.5, gt=1, description="an alpha is allowed when its perplexity <= this x the "
@@ -318,12 +319,14 @@ def pick(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float
     after temperature and nucleus (top-p) truncation; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     if top_p >= 1:
-        p, order = probs, None
+        p, order = (logits - lse).exp().double(), None
     else:  # the nucleus lies within the top-k tokens wherever they hold top_p of the mass (a full sort is slow)
-        for k in (512, 4096, probs.shape[-1]):
-            p, order = probs.topk(min(k, probs.shape[-1]), dim=-1, sorted=True)
+        for k in (512, 4096, logits.shape[-1]):
+            top, order = logits.topk(min(k, logits.shape[-1]), dim=-1, sorted=True)
+            p = (top - lse).exp().double()
             if bool((p.sum(-1) >= top_p).all()):
                 break
         p = p * ((p.cumsum(-1) - p) < top_p)  # the smallest prefix holding top_p of the mass (>= 1 token)
@@ -519,18 +522,25 @@ def choose_alpha(points: list[ScanPoint], cap: float) -> ChosenAlpha:
                        max_perplexity=cap * base.perplexity, excluded_by_cap=excluded, reason=reason)
 
 
-def head_to_head(m: Measured, report: np.ndarray, column: dict[str, int], n_boot: int, seed: int
-                 ) -> dict[str, Comparison]:
+def head_to_head(m: Measured, report: np.ndarray, column: dict[str, int], n_boot: int, seed: int,
+                 same_alpha: dict[str, tuple[int, int, float]] | None = None) -> dict[str, Comparison]:
     """Success at each direction's chosen alpha (column: direction -> condition column, 'baseline'
-    included), paired by prompt on the report half: every pair of directions, and each vs baseline."""
+    included), paired by prompt on the report half: every pair of directions, and each vs baseline.
+    same_alpha: direction -> (its column, the random direction's column, alpha) at its chosen alpha,
+    for `<direction>_vs_random_same_alpha` (a random push of the same size)."""
     names = [d for d in ("sae", "dom", "random", "file") if d in column] + ["baseline"]
     ones = np.ones(len(report))
-    out = {}
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            out[f"{a}_vs_{b}"] = compare((m.success[report, column[a]], ones), (m.success[report, column[b]], ones),
-                                         n_boot, seed, unit="prompt",
-                                         sides=f"a = {a}, b = {b}: success at each one's chosen alpha, report half")
+
+    def cmp(ca: int, cb: int, sides: str) -> Comparison:
+        return compare((m.success[report, ca], ones), (m.success[report, cb], ones), n_boot, seed, unit="prompt",
+                       sides=sides)
+
+    out = {f"{a}_vs_{b}": cmp(column[a], column[b], f"a = {a}, b = {b}: success at each one's chosen alpha, "
+                                                      "report half")
+           for i, a in enumerate(names) for b in names[i + 1:]}
+    for name, (ca, cr, alpha) in (same_alpha or {}).items():
+        out[f"{name}_vs_random_same_alpha"] = cmp(ca, cr, f"a = {name}, b = random, both at {name}'s chosen alpha "
+                                                          f"{alpha:g}, report half")
     return out
 
 
@@ -597,7 +607,9 @@ def steer(cfg: SteerSettings, sae: SparseCoder | None, loaded: LoadedModel, hp: 
                 chosen[name] = choose_alpha([base.model_copy(update={"direction": name}), *pts], cfg.fluency_cap)
     column = {name: col[(name, chosen[name].alpha)] if chosen[name].alpha != 0 else 0 for name in order}
     column["baseline"] = 0
-    h2h = head_to_head(m, report, column, cfg.bootstrap, cfg.seed)
+    same = {name: (column[name], col[("random", chosen[name].alpha)], chosen[name].alpha) for name in order
+            if name != "random" and "random" in order and chosen[name].alpha != 0}
+    h2h = head_to_head(m, report, column, cfg.bootstrap, cfg.seed, same)
     t3 = time.perf_counter()
     # 4. what each direction is: norm, cosine with the DoM, logit lens
     dom_unit = directions["dom"].unit if "dom" in directions else None
