@@ -91,6 +91,19 @@ SENTIMENT_PROMPTS = (
     "My grandmother's kitchen", "The package arrived and", "The school play", "The first chapter of the novel",
     "The interview went", "The weekend at the lake", "My new roommate", "The news this evening",
     "The bus was late again, and", "The painting on the wall",
+    "The new library downtown", "My sister's wedding", "The history class this semester", "The update to the app",
+    "The soup I made yesterday", "Our neighbor's dog", "The last episode of the show", "The hike up the hill",
+    "The store manager said", "The bakery near the station", "My phone call with the bank",
+    "The conference in Berlin", "The car I rented", "The kids at the playground", "The view from the balcony",
+    "The lecture on physics", "The football match on Sunday", "The hospital waiting room", "The birthday cake",
+    "The software release", "The ferry across the bay", "The new chair in my office", "The rain last night",
+    "The band's second album", "The apartment we visited", "My first week of school", "The speech at the ceremony",
+    "The camping trip", "The online course I took", "The old bridge over the river", "The photos from the trip",
+    "The dinner with my parents", "The shopping mall", "The job interview yesterday", "The new neighbors",
+    "The chess tournament", "The ice cream shop", "The traffic this morning", "The science fair",
+    "The play at the theater", "The sandwich I ordered", "The wifi in the hotel", "The documentary about whales",
+    "The local election results", "The yoga class", "The second half of the game", "The tour guide told us",
+    "The repair shop called and",
 )
 
 DIRECTIONS = ("sae", "dom", "random", "file")
@@ -146,7 +159,7 @@ class SteerSettings(InterventionSettings):
     prompts: list[str] | None = Field(None, description="candidate prompts (default: the built-in neutral openings)")
     prompts_file: str | None = Field(None, description="a text file of candidate prompts, one per line")
     candidates: int | None = Field(None, gt=0, description="use only the first N candidate prompts")
-    n_prompts: int = Field(20, ge=2, description="prompts kept after calibration (split into choose / report halves)")
+    n_prompts: int = Field(40, ge=2, description="prompts kept after calibration (split into choose / report halves)")
     calibration_generations: int = Field(6, gt=0, description="unsteered samples per candidate for calibration")
     generations: int = Field(6, gt=0, description="samples per prompt and condition")
     alphas: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3, 0.45],
@@ -692,6 +705,11 @@ def plot_scan(result: SteerResult, path: str | Path, half: str = "report") -> Pa
                 title="fluency")
     axes[2].set(xlabel="perplexity (clean model)", ylabel="success (judge)", xscale="log",
                 title="dose-response (stars: chosen alpha)")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    for axis in (axes[1].yaxis, axes[2].xaxis):  # plain numbers at 1, 2, 5 x 10^k on the log axes
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
