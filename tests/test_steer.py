@@ -213,3 +213,25 @@ def test_steer_through_the_cli(tiny_sae_run, tmp_path):
     assert (tiny_sae_run.path / "steer" / "sentiment-quick.json").is_file()  # the preset's name, --set's budget
     bad = CliRunner().invoke(app, ["steer", str(tiny_sae_run.path), "--set", "n_prompts=500", "--ledger", "none"])
     assert bad.exit_code == 2 and "candidate prompts" in bad.output
+
+
+def test_the_probe_judge_reads_another_layer_and_can_tell_the_concept(tiny_loaded, tmp_path):
+    from saelab.data.tasks import TaskSpec, load_task
+    from saelab.experiments.steer import build_judge
+    from saelab.intervene.judge import ProbeJudge
+
+    rng = np.random.default_rng(0)
+    rows = [{"text": " ".join(c * int(rng.integers(1, 4)) for _ in range(int(rng.integers(3, 8)))), "label": c}
+            for c in "ab" for _ in range(60)]
+    path = tmp_path / "ab.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = TaskSpec(name="ab", source=str(path), min_train=10, min_test=5)
+    judge = ProbeJudge(tiny_loaded, HookPoint(2, "resid_post"), load_task(spec), "a", Positions())
+    assert judge.test_accuracy >= 0.9 and judge.describe()["hook"] == "resid_post.2"
+    scores, ok = judge(["a aa a aaa a", "bb b bbb b b", ""])
+    assert ok[:2].tolist() == [1.0, 0.0] and 0 <= scores[2] <= 1
+    cfg = SteerSettings(judge="probe", concept_task=spec, positive_class="a", negative_class="b", probe_hook="resid_post.1")
+    with pytest.raises(ValueError, match="another layer"):
+        build_judge(cfg, tiny_loaded, HP, Positions())
+    _, info = build_judge(cfg.model_copy(update={"probe_hook": None}), tiny_loaded, HP, Positions())
+    assert info["hook"] == "resid_post.2"  # the default: halfway from the steering layer to the last
