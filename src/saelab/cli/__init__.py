@@ -12,11 +12,13 @@ import sys
 import typer
 
 from saelab.activations.harvest import HarvestConfig
-from saelab.cli import circuits, data, formats, ledger, pages, probe, stages
+from saelab.cli import circuits, data, formats, interventions, ledger, pages, probe, stages
 from saelab.config import Config
+from saelab.experiments.ablate import AblateConfig
 from saelab.experiments.evaluate import EvalConfig
 from saelab.experiments.probe import ProbeConfig
 from saelab.experiments.quickstart import QuickstartConfig
+from saelab.experiments.steer import SteerConfig
 from saelab.train.fly import FlyTrainConfig
 from saelab.train.trainer import TrainConfig
 
@@ -28,9 +30,11 @@ app.registered_commands += (formats.app.registered_commands + pages.app.register
                              + circuits.app.registered_commands)
 stages.register(app)
 probe.register(app)
+interventions.register(app)
 
 STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "train-fly": FlyTrainConfig,
-                                   "eval": EvalConfig, "probe": ProbeConfig, "quickstart": QuickstartConfig}
+                                   "eval": EvalConfig, "probe": ProbeConfig, "quickstart": QuickstartConfig,
+                                   "steer": SteerConfig, "ablate": AblateConfig}
 
 
 @app.command("config")

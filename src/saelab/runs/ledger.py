@@ -727,8 +727,9 @@ def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
                 row = e["row"]
                 moved = row["run_dir"] != here
                 if moved:  # moved or copied: its rows point here now
+                    row["result_file"] = row["result_file"] and _abs(log.parent / _inside(row["result_file"],
+                                                                                          row["run_dir"]))
                     row["run_dir"] = here
-                    row["result_file"] = row["result_file"] and _abs(log.parent / Path(row["result_file"]).name)
                 logged.add((row["stage"], row["result_file"]))
                 records.append((int(e.get("t_ns", 0)), moved, here, e))
             else:
@@ -788,6 +789,14 @@ def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
         f.unlink(missing_ok=True)
     tmp.rename(out)
     return counts
+
+
+def _inside(result_file: str, run_dir: str | None) -> Path:
+    """A result file's path relative to its run directory (e.g. steer/sentiment.json), else its name."""
+    try:
+        return Path(result_file).relative_to(run_dir or "")
+    except ValueError:
+        return Path(Path(result_file).name)
 
 
 def _legacy_results(root: Path, counts: dict[str, int]) -> Iterator[tuple[Result, Path, Path]]:

@@ -626,3 +626,212 @@ EVAL_RESULTS: dict[str, type[Result]] = {"core": CoreResult, "probing": ProbingR
                                          "absorption": AbsorptionResult, "control": ControlResult}
 RESULTS: tuple[type[Result], ...] = (TrainResult, *EVAL_RESULTS.values(), ProbeSettingResult, ScrResult,
                                      TppResult, ProbeAnalysesResult, QuickstartResult)
+
+
+class SteerDirection(BaseModel):
+    """One steering direction: what it is, its norm, its cosine with the DoM direction, its logit lens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: str
+    norm: float
+    info: dict[str, Any] = {}
+    cosine_with_dom: float | None = None
+    lens: dict[str, list[Any]] = {}  # promoted / suppressed: (token, score) pairs
+
+
+class ScanPoint(BaseModel):
+    """One (direction, alpha) on one half of the prompts: success and fluency with CIs over prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    direction: str  # "baseline" for the unsteered alpha = 0
+    alpha: float
+    half: str  # choose | report
+    success: Estimate
+    nll: Estimate  # mean per-token NLL of the continuation under the clean model (nats)
+    perplexity: float  # exp(nll.mean)
+    perplexity_ci95: list[float]
+    within_cap: bool
+    mean_score: float  # the judge's mean score (VADER compound, or the probe's probability)
+
+
+class ChosenAlpha(BaseModel):
+    """A direction's alpha, chosen on the choose half under the fluency cap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float
+    success: float  # on the choose half
+    perplexity: float
+    max_perplexity: float  # the cap: fluency_cap x the unsteered perplexity (choose half)
+    excluded_by_cap: list[float]
+    reason: str
+
+
+class _Intervention(Result):
+    """Fields a steering and an ablation result share: where it ran, how long, with what config."""
+
+    run: str | None = None
+    definitions: dict[str, str] = {}
+    seed: int = 0
+    wall_seconds: dict[str, float]
+    device: str | None = None
+    peak_memory_bytes: int | None = None
+    config: dict[str, Any] = {}
+
+
+class SteerResult(_Intervention):
+    """Steering: every direction's scan, chosen alpha and the head-to-head (RUN/steer/<name>.json)."""
+
+    STAGE: ClassVar[str] = "steer"
+    KIND: ClassVar[str] = "steering"
+    FILE: ClassVar[str] = "steer/sentiment.json"  # the default name; the stage passes its own file
+    PRIMARY: ClassVar[str | None] = "sae_vs_dom"
+
+    stage: str = "steer"
+    name: str = "sentiment"
+    model: str
+    hook: str
+    concept: str
+    judge: dict[str, Any]
+    positions: dict[str, Any]
+    steer_positions: str
+    scale: dict[str, Any]
+    alphas: list[float]
+    generations: int
+    sampling: dict[str, Any]
+    prompts: dict[str, Any]
+    directions: dict[str, SteerDirection]
+    latent_choice: dict[str, Any] = {}
+    scan: list[ScanPoint]
+    chosen: dict[str, ChosenAlpha]
+    head_to_head: dict[str, Comparison]
+    fluency_cap: float
+    examples: dict[str, list[str]] = {}
+    plot: str | None = None
+    plot_note: str | None = None
+    generations_file: str | None = None
+
+    def primary(self) -> str | None:
+        return self.PRIMARY if self.PRIMARY in self.head_to_head else next(iter(self.head_to_head), None)
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return dict(self.head_to_head)
+
+    def point(self, direction: str, alpha: float, half: str = "report") -> ScanPoint:
+        key = "baseline" if alpha == 0 else direction
+        return next(p for p in self.scan if p.direction == key and p.alpha == alpha and p.half == half)
+
+    def headline(self) -> dict[str, float]:
+        base = self.point("baseline", 0.0)
+        out = {"baseline_success": base.success.mean, "baseline_perplexity": base.perplexity}
+        for name, c in self.chosen.items():
+            p = self.point(name, c.alpha)
+            out |= {f"{name}_alpha": c.alpha, f"{name}_success": p.success.mean, f"{name}_perplexity": p.perplexity}
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "seed": self.seed, "wall_seconds": self.wall_seconds.get("total"),
+                "data_source": f"{len(self.prompts.get('candidates', []))} candidate prompts",
+                "data_slice": f"report half ({len(self.prompts.get('report', []))} prompts x {self.generations})",
+                "device": self.device, "peak_memory_bytes": self.peak_memory_bytes}
+
+    def table(self) -> str:
+        lines = [f"steering toward {self.concept} at {self.hook} (judge: {self.judge.get('rule', self.judge.get('judge'))};"
+                 f" s = {self.scale['s']:.3g}; report half: {len(self.prompts['report'])} prompts x {self.generations})",
+                 f"  {'direction':<10} {'alpha':>6} {'success [95% CI]':>24} {'perplexity [95% CI]':>26} {'cap':>4}"]
+        for p in (p for p in self.scan if p.half == "report"):
+            star = " *" if p.direction in self.chosen and self.chosen[p.direction].alpha == p.alpha else ""
+            lines.append(f"  {p.direction:<10} {p.alpha:>6g} {p.success.mean:>8.3f} [{p.success.ci95[0]:.3f}, "
+                         f"{p.success.ci95[1]:.3f}] {p.perplexity:>10.2f} [{p.perplexity_ci95[0]:.2f}, "
+                         f"{p.perplexity_ci95[1]:.2f}] {'ok' if p.within_cap else 'over':>4}{star}")
+        lines.append("  chosen on the choose half (* above): " + ", ".join(f"{k} alpha {c.alpha:g}"
+                                                                         for k, c in self.chosen.items()))
+        lines.append("  head to head (report half; a, b, a - b [95% CI]):")
+        lines += [f"    {k:<22} {c.cell()}" for k, c in self.head_to_head.items()]
+        return "\n".join(lines)
+
+
+class LatentAblation(BaseModel):
+    """One latent ablated: Delta CE with its CI over contexts, the tokens it moves, its logit lens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latent: int
+    fire_fraction: float  # of the eval tokens
+    mean_activation: float
+    contexts_changed: int  # contexts where the ablation moved the activation (the others are unchanged)
+    delta_ce: Comparison  # a = CE ablated, b = CE clean; diff = Delta CE
+    moves: dict[str, list[Any]]  # promoted / suppressed: (token, mean change of log p)
+    target_drops: list[dict[str, Any]]
+    lens: dict[str, list[Any]] = {}
+
+
+class AblateResult(_Intervention):
+    """Latent ablation with the SAE spliced in and its error kept (RUN/ablate/<name>.json)."""
+
+    STAGE: ClassVar[str] = "ablate"
+    KIND: ClassVar[str] = "ablation"
+    FILE: ClassVar[str] = "ablate/ablate.json"  # the default name; the stage passes its own file
+
+    stage: str = "ablate"
+    name: str = "ablate"
+    model: str
+    hook: str
+    mode: str
+    text: str
+    split: str
+    contexts: int
+    tokens: int
+    ce_clean: float
+    latents: list[LatentAblation]
+    joint: Comparison | None = None  # the whole set ablated at once
+    joint_moves: dict[str, list[Any]] | None = None
+    positions: dict[str, Any]
+    excluded: dict[str, int] = {}
+    engine: dict[str, Any] = {}
+
+    def primary(self) -> str | None:
+        """The whole set ablated at once (no latent picked after the fact), or the one latent."""
+        if self.joint is not None:
+            return "joint"
+        return f"latent_{self.latents[0].latent}" if len(self.latents) == 1 else None
+
+    def comparisons(self) -> dict[str, Comparison]:
+        out = {"joint": self.joint} if self.joint is not None else {}
+        return out | {f"latent_{x.latent}": x.delta_ce for x in self.latents}
+
+    def headline(self) -> dict[str, float]:
+        out = {"ce_clean": self.ce_clean, "latents": float(len(self.latents)),
+               "max_delta_ce": max((x.delta_ce.diff for x in self.latents), default=0.0),
+               "mean_delta_ce": float(sum(x.delta_ce.diff for x in self.latents) / max(len(self.latents), 1))}
+        if self.joint is not None:
+            out["joint_delta_ce"] = self.joint.diff
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "tokens": self.tokens, "seed": self.seed,
+                "wall_seconds": self.wall_seconds.get("total"), "data_source": self.text, "data_slice": self.split,
+                "device": self.device, "peak_memory_bytes": self.peak_memory_bytes}
+
+    def table(self) -> str:
+        lines = [f"{self.mode}-ablation at {self.hook}: {self.contexts} contexts, {self.tokens:,} scored tokens, "
+                 f"CE clean {self.ce_clean:.4f} (SAE spliced, error kept)",
+                 f"  {'latent':>7} {'fires':>7} {'Delta CE [95% CI]':>30}  promoted (ablation lowers) / lens"]
+        for x in self.latents:
+            d = x.delta_ce
+            prom = " ".join(repr(t) for t, _ in x.moves.get("promoted", [])[:4])
+            lens = " ".join(repr(t) for t, _ in x.lens.get("promoted", [])[:4])
+            lines.append(f"  {x.latent:>7} {x.fire_fraction:>7.4f} {d.diff:>+10.5f} [{d.diff_ci95[0]:+.5f}, "
+                         f"{d.diff_ci95[1]:+.5f}]  {prom} / {lens}")
+        if self.joint is not None:
+            d = self.joint
+            lines.append(f"  {'joint':>7} {'':>7} {d.diff:>+10.5f} [{d.diff_ci95[0]:+.5f}, {d.diff_ci95[1]:+.5f}]  "
+                         f"(all {len(self.latents)} at once)")
+        e = self.engine
+        if e:
+            lines.append(f"  engine: {e.get('ablated_rows')} ablated context rows of {e.get('rows_if_every_context')} "
+                         f"in {e.get('forward_passes')} forward passes ({'blocks after the hook only' if e.get('suffix_forward') else 'full passes'})")
+        return "\n".join(lines)
