@@ -120,6 +120,8 @@ def test_both_kinds_end_to_end_through_the_cli(two_saes, tiny_model_dir, text_js
     gr = json.loads((tmp_path / "g" / "graph-induction.json").read_text())["graph"]
     assert gr["splice_exact"] and gr["n_nodes"] > 0 and set(gr["faithfulness"]) >= {"a", "b", "diff_ci95"}
     assert (tmp_path / "g" / "graph-induction.html").is_file() and len(gr["linear_check"]["nodes"]) == 5
+    latent_nodes = [n for n in gr["nodes"] if n["latent"] != g.ERR]
+    assert latent_nodes and all(len(n["lens"]) == 3 for n in latent_nodes)  # labelled by their logit lens
     r = runner.invoke(app, [*base, "--kind", "set", "--task", "code_vs_prose", "--set", "ks=[1,2]",
                             "--set", "max_per_class=40", "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from pydantic import Field
+from tqdm.auto import tqdm
 
 from saelab.circuits import graph as g
 from saelab.circuits.sets import feature_set_circuit
@@ -29,6 +30,7 @@ from saelab.device import describe
 from saelab.evals.probing import pooled_features, resolve_tasks
 from saelab.evals.stats import compare, ratio_ci
 from saelab.experiments.evaluate import EvalConfig, open_run
+from saelab.intervene.lens import logit_lens
 from saelab.io import write_text
 from saelab.models.hooks import forward
 from saelab.report import plots
@@ -129,7 +131,7 @@ def _open(cfg: CircuitConfig):
     return opened, loaded
 
 
-def run_circuit(cfg: CircuitConfig) -> tuple[CircuitResult, Path]:
+def run_circuit(cfg: CircuitConfig, progress: bool = True) -> tuple[CircuitResult, Path]:
     check_ledger(cfg)
     t0 = time.perf_counter()
     opened, loaded = _open(cfg)
@@ -137,7 +139,7 @@ def run_circuit(cfg: CircuitConfig) -> tuple[CircuitResult, Path]:
     if cfg.kind == "set":
         spec, data_name, body = _set(cfg, opened, loaded)
     else:
-        spec, data_name, body = _graph(cfg, opened, loaded)
+        spec, data_name, body = _graph(cfg, opened, loaded, progress)
     name = f"{cfg.kind}-{data_name}"
     result = CircuitResult(kind=cfg.kind, task=data_name, model=opened[0].model_name, hooks=[str(o.hp) for o in opened],
                            runs=[str(o.run.path) for o in opened], seed=cfg.seed,
@@ -165,7 +167,7 @@ def _set(cfg: CircuitConfig, opened, loaded) -> tuple[Any, str, dict[str, Any]]:
     return data, specs[0].name, {"set": r, "primary_comparison": r["grid"][mid]["circuit_vs_random"]}
 
 
-def _graph(cfg: CircuitConfig, opened, loaded) -> tuple[Any, str, dict[str, Any]]:
+def _graph(cfg: CircuitConfig, opened, loaded, progress: bool = True) -> tuple[Any, str, dict[str, Any]]:
     if not isinstance(cfg.task, str) or cfg.task not in TASKS:
         raise ValueError(f"a graph circuit needs a prompt-pair task: {', '.join(TASKS)} (got {cfg.task!r})")
     prepend = opened[0].positions.prepend_bos
@@ -177,6 +179,9 @@ def _graph(cfg: CircuitConfig, opened, loaded) -> tuple[Any, str, dict[str, Any]
     for s in saes.values():
         s.requires_grad_(False)
     chunks = [slice(i, i + cfg.batch_size) for i in range(0, len(pairs), cfg.batch_size)]
+    # one bar over every batched pass: attribution, edges, the ablated metrics, the linear check
+    passes = len(chunks) * (1 + (len(saes) - 1) + 4 + cfg.n_random + cfg.check_nodes * len(saes))
+    bar = tqdm(total=passes, desc=f"graph circuit {cfg.task}", unit="batch", disable=not progress)
     ap_l, ap_e, ig_l, ig_e, m_clean, m_patch, cstates, pstates = {}, {}, {}, {}, [], [], [], []
     for sl in chunks:
         clean, patch = pairs.clean[sl].to(dev), pairs.patch[sl].to(dev)
@@ -195,6 +200,7 @@ def _graph(cfg: CircuitConfig, opened, loaded) -> tuple[Any, str, dict[str, Any]
             il, ie = g.integrated_gradients(model, saes, cs, ps, clean, metric, cfg.ig_steps)
             _extend(ig_l, il)
             _extend(ig_e, ie)
+        bar.update()
     ap_l, ap_e = {h: torch.cat(v) for h, v in ap_l.items()}, {h: torch.cat(v) for h, v in ap_e.items()}
     eff_l, eff_e = ap_l, ap_e  # [prompts, width] and [prompts] per hook: the effects the circuit is built from
     if cfg.method == "ig":
@@ -220,6 +226,7 @@ def _graph(cfg: CircuitConfig, opened, loaded) -> tuple[Any, str, dict[str, Any]
                         lambda logits, sl=sl: pairs.metric(logits, sl))
             for key, v in e.items():
                 total[key] = total.get(key, 0.0) + v
+            bar.update()
         keep_up = set(nodes[up])
         for (u, d), v in total.items():
             if u in keep_up and abs(v / len(pairs)) > cfg.edge_threshold:
@@ -241,6 +248,7 @@ def _graph(cfg: CircuitConfig, opened, loaded) -> tuple[Any, str, dict[str, Any]
             ke = {h: (not v if complement else v) for h, v in keep_err.items()}
             vals.append(g.ablated_metric(model, saes, pairs.clean[sl].to(dev), k, ke, means,
                                          lambda logits, sl=sl: pairs.metric(logits, sl)))
+            bar.update()
         return torch.cat(vals)
 
     m_full = metric_with(full_keep, dict.fromkeys(saes, True))
@@ -275,15 +283,24 @@ def _graph(cfg: CircuitConfig, opened, loaded) -> tuple[Any, str, dict[str, Any]
                 return f, e
             with torch.no_grad(), g.spliced(model, saes, edit=edit):
                 vals.append(pairs.metric(forward(model, pairs.clean[sl].to(dev)), sl))
+            bar.update()
         real.append(float((torch.cat(vals) - m_clean).mean()))
     est, est_ap = np.array([x[2] for x in flat]), np.array([x[3] for x in flat])
 
     def r(a, b):
         return float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and a.std() > 0 and b.std() > 0 else float("nan")
 
+    bar.close()
     node_json = [{"hook": str(h), "latent": i, "effect": float((eff_e[h] if i == g.ERR else eff_l[h][:, i]).mean()),
                   "effect_ap": float((ap_e[h] if i == g.ERR else ap_l[h][:, i]).mean())}
                  for h in saes for i in nodes[h]]
+    for h in saes:  # each latent node's logit lens: the tokens its decoder direction promotes
+        ids = [i for i in nodes[h] if i != g.ERR]
+        if ids:
+            lens = logit_lens(model, saes[h].W_dec[ids].detach(), k=3)
+            for j, i in enumerate(ids):
+                n = next(n for n in node_json if n["hook"] == str(h) and n["latent"] == i)
+                n["lens"] = [t for t, _ in lens.tokens(loaded.tokenizer, j)["promoted"]]
     graph = {
         "pairs": pairs.note, "n_pairs": len(pairs), "examples": pairs.texts[:4],
         "metric_clean": Estimate(mean=float(m_clean.mean()), ci95=[float(m_clean.min()), float(m_clean.max())],
@@ -331,5 +348,7 @@ def circuit_page(r: CircuitResult, spec: Any) -> str:
                                   ["nodes / edges", f"{gr['n_nodes']} / {gr['n_edges']}"],
                                   ["linear estimate vs real patching, Pearson r (IG / AP)",
                                    f"{gr['linear_check']['pearson_r']:.3f} / {gr['linear_check']['pearson_r_ap']:.3f}"]])
-        doc.figures([("circuit graph", plots.to_svg(plots.circuit_graph(gr, r.hooks, g.ERR), "graph"))])
+        labels = {(n["hook"], n["latent"]): "|".join(n.get("lens", [])) for n in gr["nodes"]}
+        doc.figures([("circuit graph (latent id and its top logit-lens tokens)",
+                      plots.to_svg(plots.circuit_graph(gr, r.hooks, g.ERR, labels), "graph"))])
     return page(f"{r.kind} circuit {r.task}", doc.html(), f"saelab {r.kind} circuit for {r.task}")
