@@ -132,6 +132,12 @@ def test_both_kinds_end_to_end_through_the_cli(two_saes, tiny_model_dir, text_js
     from saelab.report.check import check
 
     assert check(tmp_path / "g" / "graph-induction.html") == [] and check(tmp_path / "s" / "set-code_vs_prose.html") == []
+    from saelab.report.build import build_report, write_report
+
+    report = build_report(Ledger(ledger))  # the results report draws both stages' figures
+    page, _ = write_report(report, tmp_path / "report.html")
+    assert "circuit graph induction" in report.html and "feature-set circuit code_vs_prose" in report.html
+    assert check(page) == []
 
 
 runner = CliRunner()

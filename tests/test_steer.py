@@ -196,6 +196,9 @@ def test_the_stage_writes_records_and_reuses_its_result(own_sae_run, tiny_loaded
     assert again == r and file.stat().st_mtime_ns == mtime and len(Ledger(ledger).rows()) == 1
     if r.plot is not None:
         assert (own_sae_run.path / "steer" / "t.png").stat().st_size > 0
+        from saelab.report.build import build_report
+
+        assert "steering scan" in build_report(Ledger(ledger)).html  # the report shows the stage's plot
     else:
         assert "matplotlib" in r.plot_note
 

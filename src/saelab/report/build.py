@@ -2,7 +2,8 @@
 from the ledger and the run directories its rows point to: the EXPERIMENTS table with verdicts,
 predictions against outcomes, and per run directory its training curves, feature-density
 histogram, probing bars with CI error bars, control gaps and every other comparison a stage
-recorded (a forest plot of a - b with its 95% CI). What a run lacks is said, with the command
+recorded (a forest plot of a - b with its 95% CI), and the later stages' plots (steering scans, probe
+plots, circuit graphs, feature-set grids, interpretation scores). What a run lacks is said, with the command
 that computes it."""
 
 from __future__ import annotations
@@ -99,12 +100,59 @@ def _run_section(doc: Doc, run_dir: Path, rows: list[dict[str, Any]]) -> None:
     if (run_dir / ProbingResult.FILE).is_file():
         figs.append((f"probing {run_dir.name}", _svg(_probing_bars(read_json(run_dir / ProbingResult.FILE)),
                                                      prefix + "-pb")))
+    seen: set[Path] = set()
+    for r in rows:
+        figs += _stage_figures(r, prefix, seen)
     for r in rows:
         cmps = {k: _as_comparison(c) for k, c in r["comparisons"].items()}
         if cmps and (r["stage"], r["kind"]) != ("eval", "probing"):
             figs.append((f"{r['id']} comparisons", _svg(plots.comparison_forest(cmps, f"{r['stage']}/{r['kind']}"),
                                                         prefix + "-" + slug(r["id"]))))
     doc.figures(figs)
+
+
+def _stage_figures(r: dict[str, Any], prefix: str, seen: set[Path]) -> list[tuple[str, str | None]]:
+    """The plots a later stage made or whose data it wrote: steering scans, probe plots, circuit
+    graphs and feature-set grids, interpretation scores against their controls."""
+    f = Path(r["result_file"]) if r.get("result_file") else None
+    if f is None or not f.is_file():
+        return []
+    out: list[tuple[str, str | None]] = []
+    tag = prefix + "-stage-" + slug(r["id"])
+    if r["stage"] == "steer":
+        plot = read_json(f).get("plot")
+        if plot and Path(plot).is_file() and Path(plot) not in seen:
+            seen.add(Path(plot))
+            out.append((f"{r['id']} steering scan", plots.png_as_svg(Path(plot).read_bytes())))
+    elif r["stage"] == "probe" and (f.parent / "plots").is_dir() and f.parent / "plots" not in seen:
+        seen.add(f.parent / "plots")
+        out += [(f"probe {p.stem}", plots.png_as_svg(p.read_bytes())) for p in sorted((f.parent / "plots").glob("*.png"))]
+    elif r["stage"] == "circuit":
+        d = read_json(f)
+        if d.get("graph"):
+            from saelab.circuits.graph import ERR
+
+            gr = d["graph"]
+            labels = {(n["hook"], n["latent"]): "|".join(n.get("lens", [])) for n in gr["nodes"]}
+            out.append((f"{r['id']} circuit graph {d['task']}", _svg(plots.circuit_graph(gr, d["hooks"], ERR, labels), tag)))
+        if d.get("set"):
+            grid = d["set"]["grid"]
+            cs = {k: v["circuit_vs_random"] for k, v in grid.items()}
+            out.append((f"{r['id']} feature-set circuit {d['task']}", _svg(plots.paired_bars(
+                [f"K={v['k_per_layer']}" for v in grid.values()], [c["a"] for c in cs.values()],
+                [c["b"] for c in cs.values()], [c["a_ci95"] for c in cs.values()], [c["b_ci95"] for c in cs.values()],
+                ("top-K circuit", "random sets"), "probe test accuracy", f"{d['task']}: circuit vs random "
+                f"(ceiling {d['set']['ceiling_accuracy']['mean']:.3f})"), tag)))
+    elif r["stage"] == "interpret":
+        d = read_json(f)
+        rows = [(n, m, e) for n, ms in (d.get("scores") or {}).items() for m, e in ms.items()
+                if m in ("detection_balanced_accuracy", "fuzzing_balanced_accuracy", "embedding_auroc")]
+        if rows:
+            names = [f"{n}: {m.split('_')[0]}" for n, m, _ in rows]
+            out.append((f"{r['id']} interpretation scores", _svg(plots.estimate_bars(
+                names, [e["mean"] for *_, e in rows], [e["ci95"] for *_, e in rows],
+                "mean over latents [95% CI]", "explanations and their controls (shuffled, token list)"), tag)))
+    return out
 
 
 def _probing_bars(data: dict[str, Any]):

@@ -103,6 +103,36 @@ def comparison_forest(comparisons: dict[str, Comparison], title: str = ""):
     return fig
 
 
+def png_as_svg(png: bytes) -> str:
+    """A PNG (a plot a stage saved) as an <svg> holding it as a data URI: inline in a page and a
+    file of its own in the markdown twin, like every other figure."""
+    import base64
+    import struct
+
+    if png[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG file")
+    w, h = struct.unpack(">II", png[16:24])
+    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}">'
+            f'<image width="{w}" height="{h}" href="{uri}"/></svg>')
+
+
+def estimate_bars(labels: Sequence[str], means: Sequence[float], cis: Sequence[Sequence[float]], ylabel: str,
+                  title: str = ""):
+    """One bar per estimate with its 95% CI."""
+    if not labels:
+        return None
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.55 * len(labels) + 1.5), 2.6))
+    err = [[m - c[0] for m, c in zip(means, cis, strict=True)], [c[1] - m for m, c in zip(means, cis, strict=True)]]
+    ax.bar(range(len(labels)), means, 0.6, yerr=err, capsize=2, color="tab:orange")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def paired_bars(labels: Sequence[str], a: Sequence[float], b: Sequence[float], a_ci: Sequence[Sequence[float]],
                 b_ci: Sequence[Sequence[float]], names: tuple[str, str], ylabel: str, title: str = ""):
     """Two bars per label (a and b) with 95% CI error bars, e.g. SAE vs residual probe accuracy per task."""
