@@ -15,6 +15,7 @@ from saelab.activations.harvest import HarvestConfig
 from saelab.cli import data, formats, ledger, stages
 from saelab.config import Config
 from saelab.experiments.evaluate import EvalConfig
+from saelab.experiments.interpret import InterpretConfig
 from saelab.experiments.quickstart import QuickstartConfig
 from saelab.train.fly import FlyTrainConfig
 from saelab.train.trainer import TrainConfig
@@ -27,7 +28,7 @@ app.registered_commands += formats.app.registered_commands
 stages.register(app)
 
 STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "train-fly": FlyTrainConfig,
-                                   "eval": EvalConfig, "quickstart": QuickstartConfig}
+                                   "eval": EvalConfig, "interpret": InterpretConfig, "quickstart": QuickstartConfig}
 
 
 @app.command("config")

@@ -101,10 +101,11 @@ def training_settings(run: RunDir, sae: SparseCoder) -> dict[str, Any]:
     return optim
 
 
-def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], loaded: LoadedModel,
-                       hp: HookPoint, positions: Positions, progress: bool = True) -> ControlResult:
-    c = cfg.control
-    run = RunDir(cfg.run)
+def random_coder(run: RunDir, c: ControlConfig, sae: SparseCoder, meta: dict[str, Any], loaded: LoadedModel,
+                 hp: HookPoint, positions: Positions, ledger: str | None, device: str, text: str,
+                 ctx_len: int | None, progress: bool = True) -> tuple[LoadedModel, SparseCoder, RunDir, dict[str, float]]:
+    """The randomized model and the coder trained on it (harvest -> train under <run>/control, each
+    reused when already done): (randomized model, its coder, its run directory, seconds spent)."""
     out = Path(c.out or run.path / "control")
     settings = training_settings(run, sae)
     if c.batch_size is not None:
@@ -118,8 +119,8 @@ def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], 
     rand = randomized_copy(loaded, c.seed)
     store_manifest = Path(meta.get("store") or "") / "manifest.json"
     hdata = read_json(store_manifest)["config"] if meta.get("store") and store_manifest.is_file() else {
-        "text": meta.get("text", cfg.text), "ctx_len": meta.get("ctx_len") or cfg.ctx_len, **positions.to_dict()}
-    sub = {"ledger": cfg.ledger, "device": cfg.device, "ledger_id": None, "notes": ""}
+        "text": meta.get("text", text), "ctx_len": meta.get("ctx_len") or ctx_len, **positions.to_dict()}
+    sub = {"ledger": ledger, "device": device, "ledger_id": None, "notes": ""}
     hcfg = HarvestConfig(**{**hdata, **sub, "model": rand.name, "hook": str(hp), "tokens": c.harvest_tokens,
                             "out": str(out / "store"), "split": "train"})
     store = harvest(hcfg, loaded=rand, progress=progress)
@@ -129,6 +130,16 @@ def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], 
     rand_run = train(TrainConfig(**tdata), progress=progress)
     t2 = time.perf_counter()
     rand_sae, _ = load_sae(rand_run.checkpoint_dir)
+    return rand, rand_sae.to(rand.device).eval(), rand_run, {"harvest": round(t1 - t0, 2), "train": round(t2 - t1, 2)}
+
+
+def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], loaded: LoadedModel,
+                       hp: HookPoint, positions: Positions, progress: bool = True) -> ControlResult:
+    c = cfg.control
+    t0 = time.perf_counter()
+    rand, rand_sae, rand_run, took = random_coder(RunDir(cfg.run), c, sae, meta, loaded, hp, positions, cfg.ledger,
+                                                  cfg.device, cfg.text, cfg.ctx_len, progress)
+    t2 = time.perf_counter()
     rand_cfg = cfg.model_copy(update={"tokens": c.tokens, "ce_tokens": c.ce_tokens})
     rand_core = core_eval(rand_cfg, rand_sae, rand, hp, positions, rand.name, progress)
     rand_core.run = str(rand_run.path)
@@ -161,5 +172,5 @@ def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], 
                                                                "kl_to_clean", "eval_tokens")},
         budget={"harvest_tokens": c.harvest_tokens, "train_tokens": c.train_tokens, "eval_tokens": c.tokens,
                 "ce_tokens": c.ce_tokens},
-        wall_seconds={"harvest": round(t1 - t0, 2), "train": round(t2 - t1, 2), "eval_random": round(t3 - t2, 2),
+        wall_seconds={**took, "eval_random": round(t3 - t2, 2),
                       "compare": round(t4 - t3, 2), "total": round(t4 - t0, 2)})

@@ -726,9 +726,11 @@ def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
             if e.get("event") == "record":
                 row = e["row"]
                 moved = row["run_dir"] != here
-                if moved:  # moved or copied: its rows point here now
+                if moved:  # moved or copied: its rows point here now (result files keep their place in it)
+                    old, rf = Path(row["run_dir"] or ""), Path(row["result_file"] or "")
+                    rel = rf.relative_to(old) if row["run_dir"] and rf.is_relative_to(old) else Path(rf.name)
                     row["run_dir"] = here
-                    row["result_file"] = row["result_file"] and _abs(log.parent / Path(row["result_file"]).name)
+                    row["result_file"] = row["result_file"] and _abs(log.parent / rel)
                 logged.add((row["stage"], row["result_file"]))
                 records.append((int(e.get("t_ns", 0)), moved, here, e))
             else:

@@ -77,6 +77,9 @@ class CachedLLM(LLM):
             con.close()
         return out  # type: ignore[return-value]
 
+    def __bool__(self) -> bool:  # an empty cache is still a backend
+        return True
+
     def __len__(self) -> int:
         with self._db() as con:
             return int(con.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
