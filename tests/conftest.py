@@ -54,3 +54,14 @@ def tiny_sae_run(tiny_model_dir, tiny_loaded, text_jsonl, tmp_path_factory):
     from tiny import train_tiny_sae
 
     return train_tiny_sae(tmp_path_factory.mktemp("tiny-sae"), tiny_model_dir, tiny_loaded, text_jsonl)
+
+
+@pytest.fixture
+def own_sae_run(tiny_sae_run, tmp_path):
+    """A copy of tiny_sae_run for a test that writes into its run directory (results, ledger.jsonl),
+    so the shared run stays as trained."""
+    import shutil
+
+    from saelab.runs.rundir import RunDir
+
+    return RunDir(shutil.copytree(tiny_sae_run.path, tmp_path / "own-run"))

@@ -8,6 +8,8 @@ from saelab.models.hooks import (
     HookPoint,
     arch_of,
     capture,
+    final_norm,
+    forward_from,
     mlp_fn,
     resolve,
     run_with_patch,
@@ -112,6 +114,33 @@ def test_identity_splice_leaves_logits_bit_identical(family):
     for kind in KINDS:  # and a real change at any point changes the output
         if not (kind == "resid_mid" and _parallel(model)):
             assert not torch.equal(clean, run_with_patch(model, HookPoint(1, kind), lambda x: x * 1.5, ids, mask)), kind
+
+
+def test_forward_from_a_cached_residual_equals_the_full_pass(family):
+    """Running only the blocks after a resid_pre/resid_post hook, fed the captured activation, gives
+    the logits of the full pass (bit-identical: the same operations run on the same inputs); an
+    edited residual changes them as patching it would; the final norm is the one hidden_states[-1] has."""
+    name, model = family
+    ids, mask = _ids(3)
+    if name == "bert":
+        with pytest.raises(ValueError, match="LM head"):
+            forward_from(model, "resid_post.0", torch.zeros(2, 12, 32), ids, mask)
+        return
+    clean = run_with_patch(model, HookPoint(0, "resid_post"), None, ids, mask)
+    n = model.config.num_hidden_layers
+    for L in range(n):
+        for kind in ("resid_pre", "resid_post"):
+            hp = HookPoint(L, kind)
+            x = capture(model, [hp], ids, mask)[hp]
+            assert torch.equal(forward_from(model, hp, x, ids, mask), clean), (L, kind)
+            edited = run_with_patch(model, hp, lambda a: a * 1.5, ids, mask)
+            assert torch.allclose(forward_from(model, hp, x * 1.5, ids, mask), edited, atol=1e-5), (L, kind)
+    assert all(type(b).__name__ != "_Skip" for b in model.base_model.get_submodule(arch_of(model).layers))
+    last = capture(model, [HookPoint(n - 1, "resid_post")], ids, mask)[HookPoint(n - 1, "resid_post")]
+    hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert torch.allclose(final_norm(model)(last), hs[-1], atol=1e-6)
+    with pytest.raises(ValueError, match="residual-stream hook"):
+        forward_from(model, "mlp_out.0", last, ids, mask)
 
 
 def test_patching_resid_mid_moves_the_residual_too(family):

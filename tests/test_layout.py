@@ -1,6 +1,6 @@
-"""The rule between folders, checked on the imports: evals/ and interp/ compute a result from an SAE, a
-model and data and know nothing of run directories, training or pipelines; experiments/ and
-the CLI compose stages; a sparse coder stays model-agnostic."""
+"""The rule between folders, checked on the imports: evals/, interp/ and intervene/ compute a result
+from an SAE, a model and data and know nothing of run directories, training or pipelines; experiments/
+and the CLI compose stages; a sparse coder stays model-agnostic."""
 
 import ast
 from pathlib import Path
@@ -26,9 +26,15 @@ def offenders(folder: str, forbidden: tuple[str, ...]) -> list[str]:
             if any(m == x or m.startswith(x + ".") for x in forbidden)]
 
 
-def test_evals_know_nothing_of_run_directories_training_or_pipelines():
-    assert offenders("evals", ("saelab.runs.rundir", "saelab.runs.ledger", "saelab.train", "saelab.experiments",
-                               "saelab.cli")) == []
+def test_evals_and_interventions_know_nothing_of_run_directories_training_or_pipelines():
+    for folder in ("evals", "intervene"):
+        assert offenders(folder, ("saelab.runs.rundir", "saelab.runs.ledger", "saelab.train", "saelab.experiments",
+                                  "saelab.cli")) == [], folder
+
+
+def test_circuits_know_nothing_of_run_directories_either():
+    assert offenders("circuits", ("saelab.runs.rundir", "saelab.runs.ledger", "saelab.train", "saelab.experiments",
+                                  "saelab.cli")) == []
 
 
 def test_interp_knows_nothing_of_run_directories_training_or_pipelines():
@@ -42,5 +48,6 @@ def test_sparse_coders_are_model_agnostic():
 
 
 def test_nothing_below_the_cli_imports_it():
-    for folder in ("activations", "data", "evals", "experiments", "interp", "models", "runs", "saes", "train"):
+    for folder in ("activations", "data", "evals", "experiments", "interp", "intervene", "models", "runs", "saes",
+                   "train"):
         assert offenders(folder, ("saelab.cli",)) == [], folder

@@ -314,3 +314,21 @@ def test_a_nan_comparison_is_inconclusive_and_prints(tmp_path):
     bad.gaps["explained_variance"].diff_ci95 = [float("nan"), float("nan")]
     r = record_into(ledger, tmp_path / "a", bad)
     assert r.verdict == "inconclusive" and "nan" in Ledger(ledger).export("markdown")
+
+
+def test_rebuild_rebases_a_moved_run_directory_with_results_in_subfolders(tmp_path):
+    """A stage that writes RUN/steer/x.json: after the run directory moves, the rebuilt row points
+    to the file's new place inside it, not to RUN/x.json."""
+    live = tmp_path / "live.sqlite"
+    run = tmp_path / "old" / "r"
+    (run / "steer").mkdir(parents=True)
+    result = control_result()
+    result.write(run / "steer" / "x.json")
+    rec = record(result, run, ledger=live, result_file=run / "steer" / "x.json")
+    (tmp_path / "new").mkdir()
+    run.rename(tmp_path / "new" / "r")
+    rebuilt = tmp_path / "rebuilt.sqlite"
+    assert rebuild(tmp_path / "new", rebuilt) ["replayed"] == 1
+    row = Ledger(rebuilt).row(rec.id)
+    assert row["result_file"] == str((tmp_path / "new" / "r" / "steer" / "x.json").resolve())
+    assert Ledger(rebuilt).check() == []

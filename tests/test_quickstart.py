@@ -111,3 +111,22 @@ def _store_mean(path: Path) -> torch.Tensor:
     from saelab.activations.store import ActivationStore
 
     return ActivationStore(path).all_acts(max_rows=8192).mean(0)
+
+
+def test_the_steering_demo_at_a_tiny_budget(quick):
+    """`saelab steer RUN --quick` on the quickstart's SAE, scaled down further: it runs end to end on the
+    embedded model with the VADER judge, and the fluency cap throws out a coefficient that breaks the
+    text (alpha 2: the perplexity of such continuations is in the thousands, measured; docs/steer.md)."""
+    _, run_dir = quick
+    tiny = ["--set", "candidates=6", "--set", "n_prompts=4", "--set", "calibration_generations=2", "--set",
+            "generations=2", "--set", "max_new_tokens=12", "--alphas", "0.2,2", "--ledger", "none"]
+    r = CliRunner().invoke(app, ["steer", str(run_dir), "--quick", *tiny])
+    assert r.exit_code == 0, r.output
+    res = json.loads((run_dir / "steer" / "sentiment-quick.json").read_text())
+    assert set(res["directions"]) == {"sae", "dom", "random"} and res["judge"]["judge"] == "vader"
+    assert res["latent_choice"]["latent"] == res["latent_choice"]["top"]["activation"][0]["latent"]
+    for name, c in res["chosen"].items():
+        huge = next(p for p in res["scan"] if p["direction"] == name and p["alpha"] == 2.0 and p["half"] == "choose")
+        assert not huge["within_cap"] and c["alpha"] != 2.0, (name, huge["perplexity"])
+    base = next(p for p in res["scan"] if p["direction"] == "baseline" and p["half"] == "report")
+    assert 3 < base["perplexity"] < 100  # the unsteered continuations read as text to the clean model

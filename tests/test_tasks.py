@@ -3,8 +3,19 @@ import json
 import numpy as np
 import pytest
 
-from saelab.data.fetch import asset_ready
-from saelab.data.tasks import BUILTINS, TaskSpec, builtin_spec, builtin_task_file, lemma, load_task
+from saelab.data.fetch import ASSETS, DEB_ASSETS, asset_ready
+from saelab.data.tasks import (
+    BINARY_TASKS,
+    BUILTINS,
+    BinaryTask,
+    TaskSpec,
+    binary_tasks_of,
+    binary_view,
+    builtin_spec,
+    builtin_task_file,
+    lemma,
+    load_task,
+)
 
 
 def _write(path, rows):
@@ -59,11 +70,17 @@ def test_lemma_groups_related_spellings():
     assert lemma("cat") != lemma("car")
 
 
-@pytest.mark.parametrize("name", [n for n in BUILTINS if n != "language_id"] + ["language_id"])
+def _optional(asset: str) -> bool:
+    return asset in DEB_ASSETS or ASSETS[asset].optional
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
 def test_builtin_tasks_build_from_their_real_sources(name):
-    if not all(asset_ready(a) for a in BUILTINS[name].assets):
-        if name == "language_id":
-            pytest.skip("optional Debian fortunes-* not fetched (saelab data fetch needs apt-get)")
+    missing = [a for a in BUILTINS[name].assets if not asset_ready(a)]
+    if missing:
+        if all(_optional(a) for a in missing):
+            pytest.skip(f"optional sources {missing} not fetched (saelab data fetch skips them where apt-get "
+                        "or the registry is unavailable)")
         pytest.fail(f"{name}: run `saelab data fetch` first")
     path = builtin_task_file(name)
     assert path.stat().st_size > 0
@@ -73,3 +90,24 @@ def test_builtin_tasks_build_from_their_real_sources(name):
         assert counts["train"] >= 20 and counts["test"] >= 10, (c, counts)
     train_groups = {g for g, t in zip(data.groups, data.test, strict=True) if not t}
     assert not train_groups & {g for g, t in zip(data.groups, data.test, strict=True) if t}
+
+
+def test_binary_views_keep_the_group_split_and_say_which_class_is_positive(tmp_path):
+    f = _write(tmp_path / "t.jsonl", _rows(180, classes=("a", "b", "c")))
+    spec = TaskSpec(name="t", source=str(f), group_field="doc", min_train=5, min_test=3)
+    data = load_task(spec)
+    tasks = binary_tasks_of(spec, data.classes)
+    assert [t.name for t in tasks] == ["t_a", "t_b", "t_c"]
+    b = binary_view(data, tasks[1])
+    assert b.classes == ["not b", "b"] and b.labels.sum() == (data.labels == 1).sum() and len(b.texts) == 180
+    assert (b.test == data.test).all()  # the base task's group split, unchanged
+    pair = binary_view(data, BinaryTask("a_vs_c", "t", ("a",), ("c",)))
+    assert pair.classes == ["c", "a"] and len(pair.texts) == 120
+    assert binary_tasks_of(spec.model_copy(update={"name": "two"}), ["x", "y"])[0].positive == ("y",)
+    with pytest.raises(ValueError, match=r"classes \['z'\] are not in task 't'"):
+        binary_view(data, BinaryTask("bad", "t", ("z",)))
+
+
+def test_there_are_at_least_30_built_in_binary_tasks_over_the_built_in_bases():
+    assert len(BINARY_TASKS) >= 30
+    assert {t.base for t in BINARY_TASKS.values()} <= set(BUILTINS)

@@ -21,6 +21,15 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names in configs and files
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def cache_dir() -> Path:
     """saelab's cache: $SAELAB_CACHE, else $XDG_CACHE_HOME/saelab, else ~/.cache/saelab."""
     root = os.environ.get("SAELAB_CACHE")
@@ -36,6 +45,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a saelab file is as readable as any other
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

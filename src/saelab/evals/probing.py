@@ -21,9 +21,7 @@ import torch
 from pydantic import Field
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
-from tqdm.auto import tqdm
 
-from saelab.activations.rows import kept_rows
 from saelab.config import Config
 from saelab.data.tasks import (
     BUILTINS,
@@ -34,7 +32,8 @@ from saelab.data.tasks import (
     load_task,
     task_summary,
 )
-from saelab.data.tokens import Context, Positions, batches
+from saelab.data.tokens import Positions
+from saelab.evals.probe_features import kept_batches
 from saelab.evals.stats import compare
 from saelab.hookpoints import HookPoint
 from saelab.models.load import LoadedModel
@@ -64,22 +63,8 @@ def pooled_features(texts: list[str], loaded: LoadedModel, hp: HookPoint, sae: S
     """Per-example activations x [n, d] and SAE latents z [n, width] (None without an SAE), on the
     CPU, mean-pooled over the kept tokens (the coder's `positions`; pool="mean") or taken at the last
     kept token (pool="last")."""
-    tok = loaded.tokenizer
-    bos = [tok.bos_token_id] if positions.prepend_bos and tok.bos_token_id is not None else []
-    ctxs = []
-    for i, t in enumerate(texts):
-        ids = tok(t, add_special_tokens=False)["input_ids"][: max_tokens - len(bos)]
-        if not ids:
-            raise ValueError(f"example {i} ({t[:40]!r}) has no tokens")
-        ctxs.append(Context(bos + ids, i, 0))
     xs, zs = [], []
-    for batch in tqdm(batches(ctxs, batch_size, tok.pad_token_id), total=-(-len(ctxs) // batch_size),
-                      desc=desc, disable=not progress, leave=False):
-        kept = kept_rows(loaded.model, [hp], batch, tok, positions)
-        acts, keep = kept.full[hp].float(), kept.keep  # [B, T, d], [B, T]
-        if not keep.any(1).all():
-            i = int(batch.doc[~keep.any(1).cpu()][0])
-            raise ValueError(f"example {i} ({texts[i][:40]!r}) has no token the coder reads (all excluded)")
+    for acts, keep in kept_batches(texts, loaded, hp, positions, max_tokens, batch_size, progress, desc):
         if pool == "last":  # the last kept position of each row
             pos = torch.arange(keep.shape[1], device=keep.device).expand_as(keep).masked_fill(~keep, -1).max(1).values
             keep = torch.zeros_like(keep)

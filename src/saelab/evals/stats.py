@@ -92,3 +92,13 @@ def compare_independent(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: 
     return Comparison(a=float(a.mean()), b=float(b.mean()), diff=float(a.mean() - b.mean()), a_ci95=ci(sa),
                       b_ci95=ci(sb), diff_ci95=ci(sa - sb), n_units=int(min(a.size, b.size)), unit=unit,
                       n_boot=int(n_boot), method=INDEPENDENT, sides=sides)
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Estimate:
+    """sum(num) / sum(den) over units (e.g. faithfulness over prompts) with its percentile-bootstrap
+    95% CI, the units resampled."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    boots = np.concatenate([ratio(num, den, resample_counts(num.shape[0], min(250, n_boot - s), seed + s))
+                            for s in range(0, n_boot, 250)])
+    return Estimate(mean=ratio(num, den), ci95=[float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+                    n_units=int(num.shape[0]), n_boot=int(n_boot), method=METHOD)

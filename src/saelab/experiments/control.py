@@ -25,7 +25,7 @@ from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.config import Config, read_yaml
 from saelab.data.tasks import TaskSpec, load_task
 from saelab.data.tokens import Positions
-from saelab.evals.core import core_eval, reconstruction_metrics, validation_batches
+from saelab.evals.core import core_eval, ev_units
 from saelab.evals.probing import pooled_features, probe_correct, resolve_tasks
 from saelab.evals.stats import compare
 from saelab.hookpoints import HookPoint
@@ -75,17 +75,6 @@ def randomized_copy(loaded: LoadedModel, seed: int) -> LoadedModel:
                        f"{loaded.source}, weights re-initialised with seed {seed}")
 
 
-def _ev_units(sae, loaded, hp, cfg: EvalConfig, positions: Positions, tokens: int):
-    units: dict[str, list] = {"sse": [], "sumsq": [], "sum": [], "n": []}
-    m = reconstruction_metrics(sae, loaded, hp, validation_batches(cfg, loaded, positions), tokens, False,
-                               units=units, positions=positions)
-    mu = torch.stack(units["sum"]).sum(0) / sum(units["n"])  # [d] mean over all eval tokens
-    n = np.array(units["n"], dtype=np.float64)
-    s = torch.stack(units["sum"])  # [contexts, d]
-    tv = np.array(units["sumsq"]) - 2 * (s @ mu).numpy() + n * float(mu @ mu)  # sum ||x - mu||^2 per context
-    return m, np.array(units["sse"]), tv
-
-
 def training_settings(run: RunDir, sae: SparseCoder) -> dict[str, Any]:
     """The optimisation settings the run was trained with, from whichever config it holds (a
     TrainConfig, or a FlyTrainConfig listing several SAEs), as TrainConfig fields."""
@@ -101,11 +90,13 @@ def training_settings(run: RunDir, sae: SparseCoder) -> dict[str, Any]:
     return optim
 
 
-def random_coder(run: RunDir, c: ControlConfig, sae: SparseCoder, meta: dict[str, Any], loaded: LoadedModel,
-                 hp: HookPoint, positions: Positions, ledger: str | None, device: str, text: str,
-                 ctx_len: int | None, progress: bool = True) -> tuple[LoadedModel, SparseCoder, RunDir, dict[str, float]]:
-    """The randomized model and the coder trained on it (harvest -> train under <run>/control, each
-    reused when already done): (randomized model, its coder, its run directory, seconds spent)."""
+def random_model_coder(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], loaded: LoadedModel, hp: HookPoint,
+                       positions: Positions, progress: bool = True) -> tuple[LoadedModel, RunDir, dict[str, float]]:
+    """The control's randomized model and the SAE trained on it (harvest -> train with the real run's
+    settings at the control's budgets), reused when <out>/store and <out>/sae already hold them.
+    Returns (randomized model, its SAE's run directory, wall seconds of harvest and train)."""
+    c = cfg.control
+    run = RunDir(cfg.run)
     out = Path(c.out or run.path / "control")
     settings = training_settings(run, sae)
     if c.batch_size is not None:
@@ -119,8 +110,8 @@ def random_coder(run: RunDir, c: ControlConfig, sae: SparseCoder, meta: dict[str
     rand = randomized_copy(loaded, c.seed)
     store_manifest = Path(meta.get("store") or "") / "manifest.json"
     hdata = read_json(store_manifest)["config"] if meta.get("store") and store_manifest.is_file() else {
-        "text": meta.get("text", text), "ctx_len": meta.get("ctx_len") or ctx_len, **positions.to_dict()}
-    sub = {"ledger": ledger, "device": device, "ledger_id": None, "notes": ""}
+        "text": meta.get("text", cfg.text), "ctx_len": meta.get("ctx_len") or cfg.ctx_len, **positions.to_dict()}
+    sub = {"ledger": cfg.ledger, "device": cfg.device, "ledger_id": None, "notes": ""}
     hcfg = HarvestConfig(**{**hdata, **sub, "model": rand.name, "hook": str(hp), "tokens": c.harvest_tokens,
                             "out": str(out / "store"), "split": "train"})
     store = harvest(hcfg, loaded=rand, progress=progress)
@@ -128,26 +119,24 @@ def random_coder(run: RunDir, c: ControlConfig, sae: SparseCoder, meta: dict[str
     tdata = {**settings, **sub, "store": str(store.path), "runs_dir": str(out), "name": "sae",
              "tokens": c.train_tokens, "smoke": False, "val_store": None}
     rand_run = train(TrainConfig(**tdata), progress=progress)
-    t2 = time.perf_counter()
-    rand_sae, _ = load_sae(rand_run.checkpoint_dir)
-    return rand, rand_sae.to(rand.device).eval(), rand_run, {"harvest": round(t1 - t0, 2), "train": round(t2 - t1, 2)}
+    return rand, rand_run, {"harvest": round(t1 - t0, 2), "train": round(time.perf_counter() - t1, 2)}
 
 
 def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], loaded: LoadedModel,
                        hp: HookPoint, positions: Positions, progress: bool = True) -> ControlResult:
     c = cfg.control
     t0 = time.perf_counter()
-    rand, rand_sae, rand_run, took = random_coder(RunDir(cfg.run), c, sae, meta, loaded, hp, positions, cfg.ledger,
-                                                  cfg.device, cfg.text, cfg.ctx_len, progress)
+    rand, rand_run, built = random_model_coder(cfg, sae, meta, loaded, hp, positions, progress)
     t2 = time.perf_counter()
+    rand_sae, _ = load_sae(rand_run.checkpoint_dir)
     rand_cfg = cfg.model_copy(update={"tokens": c.tokens, "ce_tokens": c.ce_tokens})
     rand_core = core_eval(rand_cfg, rand_sae, rand, hp, positions, rand.name, progress)
     rand_core.run = str(rand_run.path)
     rand_core.write(rand_run.path / CoreResult.FILE)
     record(rand_core, rand_run.path, cfg, ledger_id="", notes="the randomized-model control's SAE")
     t3 = time.perf_counter()
-    _, sse_r, tv_r = _ev_units(sae, loaded, hp, cfg, positions, c.tokens)
-    _, sse_x, tv_x = _ev_units(rand_sae.to(rand.device), rand, hp, cfg, positions, c.tokens)
+    _, sse_r, tv_r = ev_units(sae, loaded, hp, cfg, positions, c.tokens)
+    _, sse_x, tv_x = ev_units(rand_sae.to(rand.device), rand, hp, cfg, positions, c.tokens)
     sides = "a = real model's SAE, b = randomized model's SAE"
     gaps = {"explained_variance": compare((sse_r, tv_r), (sse_x, tv_x), cfg.probing.bootstrap, c.seed,
                                           one_minus=True, unit="validation context", sides=sides)}
@@ -172,5 +161,5 @@ def randomized_control(cfg: EvalConfig, sae: SparseCoder, meta: dict[str, Any], 
                                                                "kl_to_clean", "eval_tokens")},
         budget={"harvest_tokens": c.harvest_tokens, "train_tokens": c.train_tokens, "eval_tokens": c.tokens,
                 "ce_tokens": c.ce_tokens},
-        wall_seconds={**took, "eval_random": round(t3 - t2, 2),
+        wall_seconds={**built, "eval_random": round(t3 - t2, 2),
                       "compare": round(t4 - t3, 2), "total": round(t4 - t0, 2)})

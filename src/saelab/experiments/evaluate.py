@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
-from saelab.config import StageConfig
+from saelab.config import Config, StageConfig
 from saelab.data.tokens import Positions
 from saelab.device import describe, resolve_device
 from saelab.evals.absorption import AbsorptionConfig, absorption
@@ -26,11 +26,12 @@ from saelab.io import read_json, write_json
 from saelab.models.hooks import resolve
 from saelab.models.load import LoadedModel, load_model
 from saelab.runs.ledger import check_ledger, derived_id, record
-from saelab.runs.results import EVAL_RESULTS, RESULT_VERSION, CoreResult, Result
+from saelab.runs.results import EVAL_RESULTS, CoreResult, Result
 from saelab.runs.rundir import RunDir
 from saelab.saes.base import SparseCoder, load_sae
 
 SUITE = tuple(EVAL_RESULTS)
+R = TypeVar("R", bound=Result)
 
 
 class EvalConfig(StageConfig, CoreConfig):
@@ -117,20 +118,26 @@ def _compute(name: str, cfg: EvalConfig, o: OpenRun, progress: bool) -> Result:
     return randomized_control(cfg, o.sae, o.meta, o.loaded, o.hp, o.positions, progress)
 
 
-def stored_result(name: str, cfg: EvalConfig, run: RunDir) -> Result | None:
-    """The result file of eval `name` if it was made with a config asking for the same work."""
-    path = run.path / EVAL_RESULTS[name].FILE
+def reusable(cls: type[R], path: Path, cfg: Config, exclude: set[str]) -> R | None:
+    """The result in `path` if it was made with a config asking for the same work as cfg (the
+    fields in `exclude` left out), else None."""
     if not path.is_file():
         return None
     data = read_json(path)
-    if data.get("result_version") != RESULT_VERSION:
+    versioned = cls.model_fields.get("result_version")
+    if versioned is not None and data.get("result_version") != versioned.default:
         return None  # computed with other definitions (or before they were versioned)
-    if not cfg.same_work(data.get("config"), exclude=cfg.not_used_by(name)):
+    if not cfg.same_work(data.get("config"), exclude=exclude):
         return None
     try:
-        return EVAL_RESULTS[name].model_validate(data)
+        return cls.model_validate(data)
     except ValueError:
         return None  # written by an older saelab in another shape: recompute
+
+
+def stored_result(name: str, cfg: EvalConfig, run: RunDir) -> Result | None:
+    """The result file of eval `name` if it was made with a config asking for the same work."""
+    return reusable(EVAL_RESULTS[name], run.path / EVAL_RESULTS[name].FILE, cfg, cfg.not_used_by(name))
 
 
 @dataclass

@@ -4,7 +4,7 @@ Pipeline (each piece in saelab/interp/, which knows nothing of run directories):
 1. the examples pass over every latent (interp/examples.py), checkpointed in RUN/interp/;
 2. N latents drawn (seeded) among those with enough activating contexts on both the
    explanation and the held-out side (or `latent_ids`), their decoder-nearest neighbours and
-   logit lens (interp/lens.py), and their example windows read in a second pass (interp/select.py);
+   logit lens (intervene/lens.py), and their example windows read in a second pass (interp/select.py);
 3. explanations: the prompts of `explain.prompts` and a consensus merge (interp/explain.py),
    the token-list explainer and shuffled explanations (no LLM);
 4. scores on held-out examples (interp/score.py) for the LLM labels of `score_labels` and,
@@ -36,13 +36,12 @@ from saelab.config import StageConfig
 from saelab.data.tokens import Positions
 from saelab.device import describe, peak_memory_bytes, reset_peak
 from saelab.evals.stats import compare, compare_independent, mean_ci
-from saelab.experiments.control import ControlConfig, random_coder
-from saelab.experiments.evaluate import open_run
+from saelab.experiments.control import ControlConfig, random_model_coder
+from saelab.experiments.evaluate import EvalConfig, open_run
 from saelab.hookpoints import HookPoint
 from saelab.interp.embed import SentenceEncoder
 from saelab.interp.examples import ExamplesConfig, collect_examples, read_windows
 from saelab.interp.explain import ExplainConfig, Formatter, explain, shuffled, token_list_label
-from saelab.interp.lens import logit_lens, nearest_latents
 from saelab.interp.llm import LLM, LLMConfig, make_llm
 from saelab.interp.score import (
     ScoreConfig,
@@ -59,14 +58,22 @@ from saelab.interp.score import (
     simulation_job,
     summarize,
 )
-from saelab.interp.select import LatentSet, SamplingConfig, assemble, eligible, plan
+from saelab.interp.select import (
+    LatentSet,
+    SamplingConfig,
+    assemble,
+    eligible,
+    nearest_latents,
+    plan,
+)
 from saelab.interp.validate import WEIGHTS, composite, cross_domain, decoder_direction
+from saelab.intervene.lens import logit_lens
 from saelab.io import read_json, sha256_file, write_json
 from saelab.models.load import LoadedModel
 from saelab.runs.ledger import check_ledger, record
 from saelab.runs.results import Comparison, Estimate, InterpretCompareResult, InterpretResult
 from saelab.runs.rundir import RunDir
-from saelab.saes.base import SparseCoder
+from saelab.saes.base import SparseCoder, load_sae
 
 CONTROLS = ("shuffled", "token_list")
 
@@ -168,11 +175,12 @@ def interpret_coder(cfg: InterpretConfig, sae: SparseCoder, loaded: LoadedModel,
     cos_ids, cos_vals = nearest_latents(W_dec * alive_mask[:, None], torch.tensor(latents), cfg.sampling.neighbours)
     neighbours = {j: cos_ids[i].tolist() for i, j in enumerate(latents)}
     neighbour_cos = {j: [round(v, 4) for v in cos_vals[i].tolist()] for i, j in enumerate(latents)}
-    top_i, top_v, bot_i, bot_v = logit_lens(W_dec[latents], loaded.model, cfg.lens_k)
+    ll = logit_lens(loaded.model, W_dec[latents], cfg.lens_k)
     tok = loaded.tokenizer
-    lens = {j: {"top": [tok.decode([x]) for x in top_i[i].tolist()], "top_scores": [round(v, 3) for v in top_v[i].tolist()],
-                "bottom": [tok.decode([x]) for x in bot_i[i].tolist()],
-                "bottom_scores": [round(v, 3) for v in bot_v[i].tolist()]} for i, j in enumerate(latents)}
+    lens = {j: {"top": [tok.decode([x]) for x in ll.top_ids[i].tolist()],
+                "top_scores": [round(v, 3) for v in ll.top_scores[i].tolist()],
+                "bottom": [tok.decode([x]) for x in ll.bottom_ids[i].tolist()],
+                "bottom_scores": [round(v, 3) for v in ll.bottom_scores[i].tolist()]} for i, j in enumerate(latents)}
     p = plan(state, latents, neighbours, cfg.sampling, cfg.seed)
     windows = read_windows(cfg.examples, sae, loaded, hp, positions, ctx_len, p.requests, progress)
     sets = assemble(p, windows, neighbours, neighbour_cos, cfg.sampling, cfg.seed)
@@ -496,9 +504,11 @@ def _randomized(cfg: InterpretConfig, o, core: dict[str, Any], ctx_len: int, out
                 real: str) -> dict[str, Any]:
     """The same pipeline on the randomized-model control's coder; its latents' scores vs the real ones
     (independent latents: unpaired bootstrap)."""
-    rand, rand_sae, rand_run, took = random_coder(
-        o.run, cfg.control, o.sae, o.meta, o.loaded, o.hp, o.positions, cfg.ledger, cfg.device,
-        cfg.examples.text, ctx_len, progress)
+    ecfg = EvalConfig(run=str(o.run.path), control=cfg.control, ledger=cfg.ledger, device=cfg.device,
+                      text=cfg.examples.text, ctx_len=ctx_len)
+    rand, rand_run, took = random_model_coder(ecfg, o.sae, o.meta, o.loaded, o.hp, o.positions, progress)
+    rand_sae, _ = load_sae(rand_run.checkpoint_dir)
+    rand_sae = rand_sae.to(rand.device).eval()
     rcfg = cfg.model_copy(update={"latent_ids": None})
     fp = f"random:{_fingerprint(cfg, RunDir(rand_run.path), rand.name, ctx_len)}"
     rcore = interpret_coder(rcfg, rand_sae, rand, o.hp, o.positions, ctx_len, out / "randomized", fp, progress,

@@ -77,6 +77,20 @@ class LatentSet:
         return max([w.max_act for w in self.explain + self.test + self.sb_gen] + [1e-9])
 
 
+
+@torch.no_grad()
+def nearest_latents(W_dec: torch.Tensor, latents: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, cosines) [len(latents), n] of each latent's n nearest other latents by decoder cosine
+    (the candidates for descriptive collision; rows of W_dec zeroed out, e.g. dead latents, are never nearest)."""
+    norms = W_dec.float().norm(dim=1, keepdim=True)
+    unit = W_dec.float() / norms.clamp_min(1e-12)
+    cos = unit[latents] @ unit.t()  # [latents, width]
+    cos[:, norms[:, 0] == 0] = -2.0
+    cos[torch.arange(len(latents)), latents] = -2.0  # not itself
+    v, i = cos.topk(n, dim=-1)
+    return i, v
+
+
 def sides(entries: list[tuple[float, int, int]], seed: int, fraction: float) -> tuple[list, list]:
     """(explanation side, held-out side) of (value, ctx, pos) entries, order kept."""
     ex, ho = [], []

@@ -20,7 +20,9 @@ what the MLP reads and the residual the block adds the MLP's output to, as in th
 The public patch API (steering, ablation and circuits build on it; all run with gradients):
 `capture` (activations, stopped early), `replace(model, hook, fn)` and `add(model, hook, v,
 mask)` (context managers changing every forward inside them), `record(model, hooks)` (a
-context manager keeping the activations as graph nodes), and `forward` (logits).
+context manager keeping the activations as graph nodes), `forward` (logits), and
+`forward_from(model, hook, resid, ...)` (logits from a residual-stream activation: only the
+blocks after the hook run, e.g. to re-run many edits of cached activations).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Arch:
     mid: str  # on a block: its input is resid_mid (pre-norm: the MLP's norm) ...
     mid_is_output: bool = False  # ... or its output is (post-norm BERT: the attention block)
     parallel: str | None = None  # config flag: attention and MLP both read resid_pre (no resid_mid)
+    final_norm: str | None = "norm"  # on the base model: the norm before the unembedding (None: none)
 
 
 _PRE_NORM = Arch("layers", "self_attn", ("mlp",), "post_attention_layernorm")
@@ -53,11 +56,11 @@ _GEMMA2 = Arch("layers", "post_attention_layernorm", ("mlp", "post_feedforward_l
 ARCHS: dict[str, Arch] = {
     **{t: _PRE_NORM for t in ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")},
     **{t: _GEMMA2 for t in ("gemma2", "gemma3_text")},
-    "gpt2": Arch("h", "attn", ("mlp",), "ln_2"),
+    "gpt2": Arch("h", "attn", ("mlp",), "ln_2", final_norm="ln_f"),
     "gpt_neox": Arch("layers", "attention", ("mlp",), "post_attention_layernorm",
-                     parallel="use_parallel_residual"),
+                     parallel="use_parallel_residual", final_norm="final_layer_norm"),
     "bert": Arch("encoder.layer", "attention.output.dense", ("intermediate", "output.dense"),
-                 "attention", mid_is_output=True),
+                 "attention", mid_is_output=True, final_norm=None),
 }
 
 
@@ -109,6 +112,14 @@ def resolve(model: nn.Module, hook: str | HookPoint) -> HookPoint:
                          "parallel (attention and MLP both read resid_pre), so there is no residual "
                          "between them; use resid_pre, attn_out, mlp_in, mlp_out or resid_post")
     return hp
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied to the last residual before the unembedding (e.g. Llama's `model.norm`)."""
+    name = arch_of(model).final_norm
+    if name is None:
+        raise ValueError(f"{model.config.model_type} has no final norm before an unembedding (an encoder)")
+    return model.base_model.get_submodule(name)
 
 
 def mlp_fn(model: nn.Module, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -281,6 +292,45 @@ def capture(
     if missing:
         raise RuntimeError(f"hook points {missing} never fired; the architecture table may be wrong")
     return out
+
+
+class _Skip(nn.Module):
+    """Stands in for a block that need not run: passes its input through."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _skipping(model: nn.Module, n: int) -> Iterator[None]:
+    """The first n blocks replaced by pass-throughs (indices kept, so per-layer tables still line up)."""
+    blocks = _blocks(model)
+    saved = [blocks[i] for i in range(n)]
+    try:
+        for i in range(n):
+            blocks[i] = _Skip()
+        yield
+    finally:
+        for i, b in enumerate(saved):
+            blocks[i] = b
+
+
+def forward_from(model: nn.Module, hook: str | HookPoint, resid: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [batch, seq, vocab] of the model given the residual stream `resid` [batch, seq, d] at
+    `hook` (resid_pre.L or resid_post.L): the blocks before the hook do not run (they are replaced
+    by pass-throughs and `resid` is put where their output would be), the rest run as usual, with
+    any patches active. input_ids and attention_mask still set the positions and the masks (the
+    token embedding is computed and discarded). Equals `forward` when `resid` is the clean
+    activation (tests/test_hooks.py). Gradients follow the ambient mode."""
+    hp = resolve(model, hook)
+    if hp.kind not in ("resid_pre", "resid_post"):
+        raise ValueError(f"forward_from needs a residual-stream hook (resid_pre.L or resid_post.L), not {hp}: "
+                         "other hook points are not a block's input; patch them with `replace` and a full pass")
+    if arch_of(model).final_norm is None:
+        raise ValueError(f"forward_from runs decoders with an LM head; {model.config.model_type} has none")
+    with _skipping(model, hp.layer + (hp.kind == "resid_post")), _hook(model, hp, lambda x: resid.to(x.dtype)):
+        return forward(model, input_ids, attention_mask)
 
 
 @torch.no_grad()

@@ -726,11 +726,10 @@ def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
             if e.get("event") == "record":
                 row = e["row"]
                 moved = row["run_dir"] != here
-                if moved:  # moved or copied: its rows point here now (result files keep their place in it)
-                    old, rf = Path(row["run_dir"] or ""), Path(row["result_file"] or "")
-                    rel = rf.relative_to(old) if row["run_dir"] and rf.is_relative_to(old) else Path(rf.name)
+                if moved:  # moved or copied: its rows point here now
+                    row["result_file"] = row["result_file"] and _abs(log.parent / _inside(row["result_file"],
+                                                                                          row["run_dir"]))
                     row["run_dir"] = here
-                    row["result_file"] = row["result_file"] and _abs(log.parent / rel)
                 logged.add((row["stage"], row["result_file"]))
                 records.append((int(e.get("t_ns", 0)), moved, here, e))
             else:
@@ -790,6 +789,14 @@ def rebuild(root: str | Path, out: str | Path) -> dict[str, int]:
         f.unlink(missing_ok=True)
     tmp.rename(out)
     return counts
+
+
+def _inside(result_file: str, run_dir: str | None) -> Path:
+    """A result file's path relative to its run directory (e.g. steer/sentiment.json), else its name."""
+    try:
+        return Path(result_file).relative_to(run_dir or "")
+    except ValueError:
+        return Path(Path(result_file).name)
 
 
 def _legacy_results(root: Path, counts: dict[str, int]) -> Iterator[tuple[Result, Path, Path]]:

@@ -424,6 +424,151 @@ class ControlResult(_SuiteEval):
                           *(f"  {k:<34} {g.cell()}" for k, g in self.gaps.items())])
 
 
+class ProbeSettingResult(Result):
+    """One data regime of `saelab probe` over every task (RUN/probe/winrate_<setting>.json): each
+    probe's mean test AUC, and the win rate of the SAE probes (the paper's quiver of arrows)."""
+
+    STAGE: ClassVar[str] = "probe"
+    KIND: ClassVar[str] = "winrate"
+    FILE: ClassVar[str] = "probe/winrate.json"  # the stage writes one per setting: probe/winrate_<setting>.json
+    PRIMARY: ClassVar[str | None] = "sae"
+
+    stage: str = "probe"
+    setting: str
+    run: str | None = None
+    model: str | None = None
+    hook: str | None = None
+    pool: str
+    seed: int = 0
+    tasks: list[str]
+    skipped_tasks: dict[str, str] = {}
+    points: int  # (task, point) pairs in the win rate
+    points_without_validation: int  # n_train < 4: no split, left out of the win rate
+    test_auc: dict[str, Estimate]  # probe -> mean over tasks of its mean test AUC over the task's points
+    test_acc: dict[str, Estimate]
+    quiver: dict[str, Comparison]  # extra probes -> pick among baselines + extra (a) vs baselines only (b)
+    picked: dict[str, Estimate]  # extra probes -> share of each task's points where an extra probe is picked
+    curve: list[dict[str, Any]]  # per point of the regime: means over tasks (for the plots)
+    method: str
+    wall_seconds: float | None = None
+    device: str | None = None
+    config: dict[str, Any] = {}
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return dict(self.quiver)
+
+    def headline(self) -> dict[str, float]:
+        out = {}
+        for k, c in self.quiver.items():
+            out |= {f"{k}_picked": self.picked[k].mean, f"{k}_test_auc_with": c.a, f"{k}_test_auc_without": c.b}
+        return out | {f"{p}_test_auc": e.mean for p, e in self.test_auc.items()}
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "seed": self.seed, "wall_seconds": self.wall_seconds,
+                "data_source": f"{len(self.tasks)} binary tasks", "data_slice": f"{self.setting} ({self.pool} token)"
+                if self.pool == "last" else f"{self.setting} (mean-pooled)", "device": self.device}
+
+    def table(self) -> str:
+        lines = [f"{self.setting} ({len(self.tasks)} tasks, {self.points} task-points; {self.pool} pooling)",
+                 "  mean test AUC over tasks [95% CI]: " + ", ".join(
+                     f"{p} {e.mean:.3f} [{e.ci95[0]:.3f}, {e.ci95[1]:.3f}]" for p, e in self.test_auc.items())]
+        for k, c in self.quiver.items():
+            e = self.picked[k]
+            lines.append(f"  +{k:<10} picked {e.mean:.1%} of points; test AUC {c.a:.4f} vs baselines {c.b:.4f}, "
+                         f"diff {c.diff:+.4f} [{c.diff_ci95[0]:+.4f}, {c.diff_ci95[1]:+.4f}]")
+        return "\n".join(lines)
+
+
+class _ProbeExtra(Result):
+    """A result of `saelab probe` beside the regimes (RUN/probe/<file>)."""
+
+    STAGE: ClassVar[str] = "probe"
+
+    stage: str = "probe"
+    run: str | None = None
+    model: str | None = None
+    hook: str | None = None
+    pool: str
+    seed: int = 0
+    method: str
+    wall_seconds: float | None = None
+    device: str | None = None
+    config: dict[str, Any] = {}
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "seed": self.seed, "wall_seconds": self.wall_seconds,
+                "data_slice": f"{self.KIND} ({self.pool} pooling)", "device": self.device}
+
+
+class ScrTppResult(_ProbeExtra):
+    """SAEBench SCR or TPP: per task and probe training size, the score after ablating the SAE's
+    top-n latents vs n random ones (paired bootstrap CIs); primary: the mean over tasks at the
+    normal size and n = 20 latents."""
+
+    PRIMARY: ClassVar[str | None] = "mean_normal_top20"
+
+    kind: str  # "scr" or "tpp"
+    tasks: list[str]
+    skipped_tasks: dict[str, str] = {}
+    n_values: list[int]
+    points: list[dict[str, Any]]  # one per (task, setting, n_train): the scores at every n
+    summary: dict[str, Comparison]  # mean over tasks, per setting and n: SAE latents (a) vs random (b)
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return dict(self.summary)
+
+    def headline(self) -> dict[str, float]:
+        return {f"{self.kind}_{k}": c.a for k, c in self.summary.items() if k.startswith("mean_normal")}
+
+    def facts(self) -> dict[str, Any]:
+        return super().facts() | {"data_source": ", ".join(self.tasks)}
+
+    def table(self) -> str:
+        lines = [f"{self.kind.upper()} (SAE top-n latents vs n random ones, mean over {len(self.tasks)} tasks)"]
+        lines += [f"  {k:<28} {c.cell()}" for k, c in self.summary.items() if k.startswith("mean_normal")]
+        return "\n".join(lines)
+
+
+class ScrResult(ScrTppResult):
+    """SAEBench SCR (RUN/probe/scr.json)."""
+
+    KIND: ClassVar[str] = "scr"
+    FILE: ClassVar[str] = "probe/scr.json"
+
+    kind: str = "scr"
+
+
+class TppResult(ScrTppResult):
+    """SAEBench TPP (RUN/probe/tpp.json)."""
+
+    KIND: ClassVar[str] = "tpp"
+    FILE: ClassVar[str] = "probe/tpp.json"
+
+    kind: str = "tpp"
+
+
+class ProbeAnalysesResult(_ProbeExtra):
+    """Interpretability analyses of the SAE probes (RUN/probe/analyses.json): JS separability of
+    top latents, Gini selectivity and Jaccard reuse across tasks, cluster separation."""
+
+    KIND: ClassVar[str] = "analyses"
+    FILE: ClassVar[str] = "probe/analyses.json"
+
+    separability: dict[str, list[dict[str, float]]]  # task -> top latents' JS divergence
+    selectivity: dict[str, Any]
+    clusters: dict[str, dict[str, dict[str, float]]]  # task -> space -> CH / DB / silhouette
+
+    def headline(self) -> dict[str, float]:
+        js = [v["js"] for lat in self.separability.values() for v in lat[:1]]
+        out = {"top1_js_mean": float(sum(js) / len(js)) if js else float("nan"),
+               "gini_mean": self.selectivity["gini"]["mean"], "jaccard_mean": self.selectivity["jaccard_mean_offdiag"]}
+        for space in ("resid", "sae"):
+            vals = [c[space]["silhouette"] for c in self.clusters.values() if space in c]
+            if vals:
+                out[f"silhouette_{space}_mean"] = float(sum(vals) / len(vals))
+        return out
+
+
 class QuickstartResult(Result):
     """harvest -> train -> core eval on the embedded defaults (quickstart.json)."""
 
@@ -598,5 +743,215 @@ class InterpretCompareResult(Result):
 
 EVAL_RESULTS: dict[str, type[Result]] = {"core": CoreResult, "probing": ProbingResult,
                                          "absorption": AbsorptionResult, "control": ControlResult}
-RESULTS: tuple[type[Result], ...] = (TrainResult, *EVAL_RESULTS.values(), QuickstartResult, InterpretResult,
-                                     InterpretCompareResult)
+RESULTS: tuple[type[Result], ...] = (TrainResult, *EVAL_RESULTS.values(), ProbeSettingResult, ScrResult,
+                                     TppResult, ProbeAnalysesResult, QuickstartResult,
+                                     InterpretResult, InterpretCompareResult)
+
+
+class SteerDirection(BaseModel):
+    """One steering direction: what it is, its norm, its cosine with the DoM direction, its logit lens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: str
+    norm: float
+    info: dict[str, Any] = {}
+    cosine_with_dom: float | None = None
+    lens: dict[str, list[Any]] = {}  # promoted / suppressed: (token, score) pairs
+
+
+class ScanPoint(BaseModel):
+    """One (direction, alpha) on one half of the prompts: success and fluency with CIs over prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    direction: str  # "baseline" for the unsteered alpha = 0
+    alpha: float
+    half: str  # choose | report
+    success: Estimate
+    nll: Estimate  # mean per-token NLL of the continuation under the clean model (nats)
+    perplexity: float  # exp(nll.mean)
+    perplexity_ci95: list[float]
+    within_cap: bool
+    mean_score: float  # the judge's mean score (VADER compound, or the probe's probability)
+
+
+class ChosenAlpha(BaseModel):
+    """A direction's alpha, chosen on the choose half under the fluency cap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float
+    success: float  # on the choose half
+    perplexity: float
+    max_perplexity: float  # the cap: fluency_cap x the unsteered perplexity (choose half)
+    excluded_by_cap: list[float]
+    reason: str
+
+
+class _Intervention(Result):
+    """Fields a steering and an ablation result share: where it ran, how long, with what config."""
+
+    run: str | None = None
+    definitions: dict[str, str] = {}
+    seed: int = 0
+    wall_seconds: dict[str, float]
+    device: str | None = None
+    peak_memory_bytes: int | None = None
+    config: dict[str, Any] = {}
+
+
+class SteerResult(_Intervention):
+    """Steering: every direction's scan, chosen alpha and the head-to-head (RUN/steer/<name>.json)."""
+
+    STAGE: ClassVar[str] = "steer"
+    KIND: ClassVar[str] = "steering"
+    FILE: ClassVar[str] = "steer/sentiment.json"  # the default name; the stage passes its own file
+    PRIMARY: ClassVar[str | None] = "sae_vs_dom"
+
+    stage: str = "steer"
+    name: str = "sentiment"
+    model: str
+    hook: str
+    concept: str
+    judge: dict[str, Any]
+    positions: dict[str, Any]
+    steer_positions: str
+    scale: dict[str, Any]
+    alphas: list[float]
+    generations: int
+    sampling: dict[str, Any]
+    prompts: dict[str, Any]
+    directions: dict[str, SteerDirection]
+    latent_choice: dict[str, Any] = {}
+    scan: list[ScanPoint]
+    chosen: dict[str, ChosenAlpha]
+    head_to_head: dict[str, Comparison]
+    fluency_cap: float
+    examples: dict[str, list[str]] = {}
+    plot: str | None = None
+    plot_note: str | None = None
+    generations_file: str | None = None
+
+    def primary(self) -> str | None:
+        return self.PRIMARY if self.PRIMARY in self.head_to_head else next(iter(self.head_to_head), None)
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return dict(self.head_to_head)
+
+    def point(self, direction: str, alpha: float, half: str = "report") -> ScanPoint:
+        key = "baseline" if alpha == 0 else direction
+        return next(p for p in self.scan if p.direction == key and p.alpha == alpha and p.half == half)
+
+    def headline(self) -> dict[str, float]:
+        base = self.point("baseline", 0.0)
+        out = {"baseline_success": base.success.mean, "baseline_perplexity": base.perplexity}
+        for name, c in self.chosen.items():
+            p = self.point(name, c.alpha)
+            out |= {f"{name}_alpha": c.alpha, f"{name}_success": p.success.mean, f"{name}_perplexity": p.perplexity}
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "seed": self.seed, "wall_seconds": self.wall_seconds.get("total"),
+                "data_source": f"{len(self.prompts.get('candidates', []))} candidate prompts",
+                "data_slice": f"report half ({len(self.prompts.get('report', []))} prompts x {self.generations})",
+                "device": self.device, "peak_memory_bytes": self.peak_memory_bytes}
+
+    def table(self) -> str:
+        lines = [f"steering toward {self.concept} at {self.hook} (judge: {self.judge.get('rule', self.judge.get('judge'))};"
+                 f" s = {self.scale['s']:.3g}; report half: {len(self.prompts['report'])} prompts x {self.generations})",
+                 f"  {'direction':<10} {'alpha':>6} {'success [95% CI]':>24} {'perplexity [95% CI]':>26} {'cap':>4}"]
+        for p in (p for p in self.scan if p.half == "report"):
+            star = " *" if p.direction in self.chosen and self.chosen[p.direction].alpha == p.alpha else ""
+            lines.append(f"  {p.direction:<10} {p.alpha:>6g} {p.success.mean:>8.3f} [{p.success.ci95[0]:.3f}, "
+                         f"{p.success.ci95[1]:.3f}] {p.perplexity:>10.2f} [{p.perplexity_ci95[0]:.2f}, "
+                         f"{p.perplexity_ci95[1]:.2f}] {'ok' if p.within_cap else 'over':>4}{star}")
+        lines.append("  chosen on the choose half (* above): " + ", ".join(f"{k} alpha {c.alpha:g}"
+                                                                         for k, c in self.chosen.items()))
+        lines.append("  head to head (report half; a, b, a - b [95% CI]):")
+        lines += [f"    {k:<22} {c.cell()}" for k, c in self.head_to_head.items()]
+        return "\n".join(lines)
+
+
+class LatentAblation(BaseModel):
+    """One latent ablated: Delta CE with its CI over contexts, the tokens it moves, its logit lens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latent: int
+    fire_fraction: float  # of the eval tokens
+    mean_activation: float
+    contexts_changed: int  # contexts where the ablation moved the activation (the others are unchanged)
+    delta_ce: Comparison  # a = CE ablated, b = CE clean; diff = Delta CE
+    moves: dict[str, list[Any]]  # promoted / suppressed: (token, mean change of log p)
+    target_drops: list[dict[str, Any]]
+    lens: dict[str, list[Any]] = {}
+
+
+class AblateResult(_Intervention):
+    """Latent ablation with the SAE spliced in and its error kept (RUN/ablate/<name>.json)."""
+
+    STAGE: ClassVar[str] = "ablate"
+    KIND: ClassVar[str] = "ablation"
+    FILE: ClassVar[str] = "ablate/ablate.json"  # the default name; the stage passes its own file
+
+    stage: str = "ablate"
+    name: str = "ablate"
+    model: str
+    hook: str
+    mode: str
+    text: str
+    split: str
+    contexts: int
+    tokens: int
+    ce_clean: float
+    latents: list[LatentAblation]
+    joint: Comparison | None = None  # the whole set ablated at once
+    joint_moves: dict[str, list[Any]] | None = None
+    positions: dict[str, Any]
+    excluded: dict[str, int] = {}
+    engine: dict[str, Any] = {}
+
+    def primary(self) -> str | None:
+        """The whole set ablated at once (no latent picked after the fact), or the one latent."""
+        if self.joint is not None:
+            return "joint"
+        return f"latent_{self.latents[0].latent}" if len(self.latents) == 1 else None
+
+    def comparisons(self) -> dict[str, Comparison]:
+        out = {"joint": self.joint} if self.joint is not None else {}
+        return out | {f"latent_{x.latent}": x.delta_ce for x in self.latents}
+
+    def headline(self) -> dict[str, float]:
+        out = {"ce_clean": self.ce_clean, "latents": float(len(self.latents)),
+               "max_delta_ce": max((x.delta_ce.diff for x in self.latents), default=0.0),
+               "mean_delta_ce": float(sum(x.delta_ce.diff for x in self.latents) / max(len(self.latents), 1))}
+        if self.joint is not None:
+            out["joint_delta_ce"] = self.joint.diff
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "tokens": self.tokens, "seed": self.seed,
+                "wall_seconds": self.wall_seconds.get("total"), "data_source": self.text, "data_slice": self.split,
+                "device": self.device, "peak_memory_bytes": self.peak_memory_bytes}
+
+    def table(self) -> str:
+        lines = [f"{self.mode}-ablation at {self.hook}: {self.contexts} contexts, {self.tokens:,} scored tokens, "
+                 f"CE clean {self.ce_clean:.4f} (SAE spliced, error kept)",
+                 f"  {'latent':>7} {'fires':>7} {'Delta CE [95% CI]':>30}  promoted (ablation lowers) / lens"]
+        for x in self.latents:
+            d = x.delta_ce
+            prom = " ".join(repr(t) for t, _ in x.moves.get("promoted", [])[:4])
+            lens = " ".join(repr(t) for t, _ in x.lens.get("promoted", [])[:4])
+            lines.append(f"  {x.latent:>7} {x.fire_fraction:>7.4f} {d.diff:>+10.5f} [{d.diff_ci95[0]:+.5f}, "
+                         f"{d.diff_ci95[1]:+.5f}]  {prom} / {lens}")
+        if self.joint is not None:
+            d = self.joint
+            lines.append(f"  {'joint':>7} {'':>7} {d.diff:>+10.5f} [{d.diff_ci95[0]:+.5f}, {d.diff_ci95[1]:+.5f}]  "
+                         f"(all {len(self.latents)} at once)")
+        e = self.engine
+        if e:
+            lines.append(f"  engine: {e.get('ablated_rows')} ablated context rows of {e.get('rows_if_every_context')} "
+                         f"in {e.get('forward_passes')} forward passes ({'blocks after the hook only' if e.get('suffix_forward') else 'full passes'})")
+        return "\n".join(lines)
