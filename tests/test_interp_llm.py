@@ -119,6 +119,17 @@ def test_missing_logprobs_are_noticed(server):
     assert llm.gives_logprobs is True and r.logprobs[0].top == {"Yes": -0.1, "No": -2.4}
 
 
+def test_a_rerun_from_the_cache_still_knows_the_backend_gives_no_logprobs(server, tmp_path):
+    url = server(Script())
+    first = make_llm(_cfg(url), cache_path=str(tmp_path / "c.sqlite"))
+    first.complete(_reqs(2, top_logprobs=5))
+    assert first.gives_logprobs is False
+    again = make_llm(_cfg(url), cache_path=str(tmp_path / "c.sqlite"))
+    assert again.gives_logprobs is None  # nothing asked yet
+    again.complete(_reqs(2, top_logprobs=5))
+    assert again.hit_rate() == 1.0 and again.gives_logprobs is False  # the scorers' fallback is still said
+
+
 def test_a_server_dying_mid_run_loses_no_finished_work(server, tmp_path):
     url = server(Script("ok", "ok", "ok", "die"))
     cached = CachedLLM(OpenAILLM(_cfg(url, retries=1, concurrency=1)), tmp_path / "c.sqlite")

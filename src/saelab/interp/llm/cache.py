@@ -24,13 +24,16 @@ class CachedLLM(LLM):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stats = {"requests": 0, "hits": 0, "misses": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._cached_logprobs: bool | None = None  # what cached answers that asked for log-probabilities got
         with self._db() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute(SCHEMA)
 
     @property
     def gives_logprobs(self) -> bool | None:  # type: ignore[override]
-        return self.inner.gives_logprobs
+        """The backend's own answer; on a rerun served from the cache, what the cached answers say."""
+        inner = self.inner.gives_logprobs
+        return inner if inner is not None else self._cached_logprobs
 
     def _db(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60)
@@ -49,6 +52,8 @@ class CachedLLM(LLM):
                 row = con.execute("SELECT response FROM calls WHERE key = ?", (k,)).fetchone()
                 if row is not None:
                     out[i] = Response.from_dict(json.loads(row[0]), cached=True)
+                    if requests[i].top_logprobs and self._cached_logprobs is not True:
+                        self._cached_logprobs = out[i].logprobs is not None
                     if on_result:
                         on_result(i, out[i])
             todo = [i for i, r in enumerate(out) if r is None]
