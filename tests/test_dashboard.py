@@ -164,3 +164,32 @@ def test_the_pages_in_a_real_browser_from_disk_and_from_the_server(tmp_path):
 def test_the_server_refuses_a_folder_without_a_dashboard(tmp_path, bad):
     with pytest.raises(FileNotFoundError, match="saelab dashboard"):
         start_server(tmp_path / bad)
+
+
+def test_a_runs_dashboard_end_to_end_on_the_tiny_model(own_sae_run, tiny_loaded, text_jsonl, tmp_path):
+    """Examples for every latent of a real (tiny) SAE, the logit lens and neighbours, what the run
+    lacks; the top window's highlighted value is the activation the examples pass kept."""
+    from saelab.experiments.dashboard import DashboardConfig, build_dashboard, examples_state_path
+    from saelab.interp.examples import ExampleState
+
+    cfg = DashboardConfig(run=str(own_sae_run.path), out=str(tmp_path / "dash"),
+                          examples={"text": str(text_jsonl), "split": "train", "tokens": 3000, "ctx_len": 64,
+                                    "batch_size": 8, "n_top": 5, "reservoir": 20, "pool": 16})
+    index, wall = build_dashboard(cfg, loaded=tiny_loaded, progress=False)
+    assert index.is_file() and wall["total"] > 0
+    data = json.loads((tmp_path / "dash" / "data" / "index.js").read_text()[22:-2])
+    state = ExampleState.load(examples_state_path(own_sae_run.path))
+    alive = (state.fire_contexts > 0).nonzero().squeeze(1).tolist()
+    assert [r["id"] for r in data["rows"]] == alive and len(alive) > 10
+    assert {m["command"].split()[1] for m in data["meta"]["missing"]} >= {"interpret", "ablate", "steer"}
+    j = alive[0]
+    page = json.loads((tmp_path / "dash" / "data" / "latents" / f"{j}.js").read_text()[len(f"SAELAB_LATENT({j}, "):-3])
+    top = page["top"][0]
+    assert abs(top["a"][top["c"]] - float(state.top_val[j, 0])) < 1e-3  # the highlighted max is the kept one
+    assert len(page["lens"]["promoted"]) == cfg.lens_k and len(page["neighbours"]) == cfg.neighbours
+    assert sum(page["hist"]["counts"]) == len(state.sample(j)) and page["bands"]
+    driver = start_browser()
+    try:
+        check_pages(driver, index.parent.resolve().as_uri() + "/", j, str(j), xss=False)
+    finally:
+        driver.quit()

@@ -1,5 +1,5 @@
-"""The rule between folders, checked on the imports: evals/ and intervene/ compute a result from
-an SAE, a model and data and know nothing of run directories, training or pipelines; experiments/
+"""The rule between folders, checked on the imports: evals/, interp/ and intervene/ compute a result
+from an SAE, a model and data and know nothing of run directories, training or pipelines; experiments/
 and the CLI compose stages; a sparse coder stays model-agnostic."""
 
 import ast
@@ -37,11 +37,17 @@ def test_circuits_know_nothing_of_run_directories_either():
                                   "saelab.cli")) == []
 
 
+def test_interp_knows_nothing_of_run_directories_training_or_pipelines():
+    assert offenders("interp", ("saelab.runs.rundir", "saelab.runs.ledger", "saelab.train", "saelab.experiments",
+                                "saelab.cli")) == []
+
+
 def test_sparse_coders_are_model_agnostic():
     assert offenders("saes", ("saelab.models", "saelab.activations", "saelab.train", "saelab.evals",
                               "saelab.experiments", "saelab.runs")) == []
 
 
 def test_nothing_below_the_cli_imports_it():
-    for folder in ("activations", "data", "evals", "experiments", "intervene", "models", "runs", "saes", "train"):
+    for folder in ("activations", "data", "evals", "experiments", "interp", "intervene", "models", "runs", "saes",
+                   "train"):
         assert offenders(folder, ("saelab.cli",)) == [], folder

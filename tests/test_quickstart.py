@@ -23,7 +23,7 @@ from saelab.saes.config import SAEConfig
 pytestmark = pytest.mark.embedded
 
 SMALL = ["--harvest-tokens", "60000", "--train-tokens", "400000", "--set", "eval_tokens=8192",
-         "--set", "ce_tokens=4096"]
+         "--set", "ce_tokens=4096", "--set", "explain_latents=3"]
 FLOOR_EV = 0.55  # measured 0.694 at this budget (0.660 with the older encoder init), 2026-11-24
 FLOOR_CE_RECOVERED = 0.85  # measured 0.939 (0.925)
 
@@ -55,11 +55,11 @@ def test_the_quickstart_leaves_ledger_rows_a_user_can_list_export_and_rebuild(qu
         checked = CliRunner().invoke(app, ["ledger", "check"])
     assert listed.exit_code == md.exit_code == rebuilt.exit_code == checked.exit_code == 0, checked.output
     kinds = [line.split()[2] for line in listed.output.splitlines()]
-    assert kinds == ["harvest/store", "train/sae", "eval/core", "quickstart/pipeline"], listed.output
+    assert kinds == ["harvest/store", "train/sae", "eval/core", "interpret/interp", "quickstart/pipeline"], listed.output
     rows = [line for line in md.output.splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == 4 and all("novel" in r for r in rows) and "SmolLM2" not in rows[0].split("|")[4]
-    assert "explained_variance" in rows[3] and "resid_post.10" in rows[1]
-    assert "4 rows replayed, 0 backfilled" in rebuilt.output
+    assert len(rows) == 5 and all(v in r for r in rows[:3] + rows[4:] for v in ["novel"]) and "SmolLM2" not in rows[0].split("|")[4]
+    assert "explained_variance" in rows[4] and "resid_post.10" in rows[1]
+    assert "5 rows replayed, 0 backfilled" in rebuilt.output
     from saelab.runs.ledger import Ledger
 
     def facts(path):
@@ -130,3 +130,19 @@ def test_the_steering_demo_at_a_tiny_budget(quick):
         assert not huge["within_cap"] and c["alpha"] != 2.0, (name, huge["perplexity"])
     base = next(p for p in res["scan"] if p["direction"] == "baseline" and p["half"] == "report")
     assert 3 < base["perplexity"] < 100  # the unsteered continuations read as text to the clean model
+
+
+def test_the_quickstart_ends_with_the_dashboard_and_the_report(quick):
+    """One command, then a page to open: the dashboard (every latent alive, three explained) and
+    the report, both listed in the output and valid."""
+    from saelab.report.check import check
+
+    output, run_dir = quick
+    index, report = run_dir / "dashboard" / "index.html", run_dir.parent / "report.html"
+    assert "dashboard page" in output and "report page" in output
+    assert index.is_file() and report.is_file()
+    data = json.loads((run_dir / "dashboard" / "data" / "index.js").read_text()[22:-2])
+    assert len(data["rows"]) > 1000 and sum(r.get("explanation") is not None for r in data["rows"]) == 3
+    assert check(report) == []
+    seconds = json.loads((run_dir / "quickstart.json").read_text())["seconds"]
+    assert seconds["dashboard"] > 0 and seconds["interpret"] > 0

@@ -16,6 +16,7 @@ from saelab.cli import circuits, data, formats, interventions, ledger, pages, pr
 from saelab.config import Config
 from saelab.experiments.ablate import AblateConfig
 from saelab.experiments.evaluate import EvalConfig
+from saelab.experiments.interpret import InterpretConfig
 from saelab.experiments.probe import ProbeConfig
 from saelab.experiments.quickstart import QuickstartConfig
 from saelab.experiments.steer import SteerConfig
@@ -33,8 +34,8 @@ probe.register(app)
 interventions.register(app)
 
 STAGES: dict[str, type[Config]] = {"harvest": HarvestConfig, "train": TrainConfig, "train-fly": FlyTrainConfig,
-                                   "eval": EvalConfig, "probe": ProbeConfig, "quickstart": QuickstartConfig,
-                                   "steer": SteerConfig, "ablate": AblateConfig}
+                                   "eval": EvalConfig, "interpret": InterpretConfig, "probe": ProbeConfig,
+                                   "quickstart": QuickstartConfig, "steer": SteerConfig, "ablate": AblateConfig}
 
 
 @app.command("config")

@@ -1,4 +1,5 @@
-"""`saelab report` and `saelab compare`: pages from the ledger and run directories."""
+"""`saelab report`, `saelab compare`, `saelab dashboard` and `saelab serve`: pages from the ledger
+and run directories."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from pathlib import Path
 
 import typer
 
-from saelab.cli.common import ConfigOpt, SetOpt, build, ledger_line, stage_command, user_errors
+from saelab.cli.common import ConfigOpt, SetOpt, build, ledger_line, opt, stage_command, user_errors
 from saelab.experiments.compare import CompareConfig
+from saelab.experiments.dashboard import DashboardConfig
 
 app = typer.Typer()
 
@@ -64,3 +66,44 @@ def compare(run_a: str = typer.Argument(..., help="run directory of SAE A"),
     from saelab.runs.ledger import record
 
     typer.echo(ledger_line(record(r, out, cfg)))
+
+
+@app.command()
+@user_errors
+def dashboard(run: str = typer.Argument(..., help="run directory holding checkpoint/"),
+              out: str | None = opt(DashboardConfig, "out"),
+              tokens: int | None = opt(DashboardConfig, "examples.tokens", "--tokens"),
+              device: str | None = opt(DashboardConfig, "device"),
+              config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
+    """The feature dashboard of a run: a static site (open DIR/index.html from disk, nothing is
+    fetched) with every latent's density, histogram, logit lens, highlighted top contexts and
+    quantile bands, nearest latents, and whatever else the run holds (explanations and scores,
+    probing, absorption, ablation, steering) in one sortable join table."""
+    from saelab.experiments.dashboard import build_dashboard
+
+    cfg = build(DashboardConfig, config, {"run": run, "out": out, "examples.tokens": tokens, "device": device}, set_)
+    index, wall = build_dashboard(cfg)
+    typer.echo(f"written: {index}  ({wall['total']:.0f} s: examples {wall['examples']:.0f}, windows "
+               f"{wall['windows']:.0f}, weights {wall['weights']:.0f}, pages {wall['assemble'] + wall['write']:.0f})")
+
+
+@app.command()
+@user_errors
+def serve(run: str = typer.Argument(..., help="run directory (its dashboard/ is served) or a dashboard folder"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on; anything but 127.0.0.1 exposes the "
+                                   "pages to your network"),
+          port: int = typer.Option(8765, help="port (0: any free one)")) -> None:
+    """Serve a built dashboard on a local address (only its files; build it with `saelab dashboard`)."""
+    from saelab.dashboard.serve import start_server
+
+    root = Path(run)
+    if not (root / "index.html").is_file():
+        root = root / "dashboard"
+    server, thread = start_server(root, host, port, verbose=True)
+    h, p = server.server_address[:2]
+    typer.echo(f"serving {root} at http://{h}:{p}/  (Ctrl-C stops)")
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()
+        server.server_close()

@@ -10,6 +10,7 @@ import typer
 from saelab.activations.harvest import HarvestConfig
 from saelab.cli.common import ConfigOpt, SetOpt, build, ledger_line, opt, stage_command, user_errors
 from saelab.experiments.evaluate import EvalConfig
+from saelab.experiments.interpret import InterpretConfig
 from saelab.experiments.quickstart import QuickstartConfig
 from saelab.train.fly import FlyTrainConfig
 from saelab.train.trainer import TrainConfig
@@ -17,7 +18,7 @@ from saelab.train.trainer import TrainConfig
 
 def register(app: typer.Typer) -> None:
     for fn, name in ((harvest, "harvest"), (train, "train"), (train_fly, "train-fly"), (eval_cmd, "eval"),
-                     (quickstart, "quickstart")):
+                     (interpret, "interpret"), (quickstart, "quickstart")):
         app.command(name)(fn)
 
 
@@ -127,6 +128,41 @@ def eval_cmd(
     typer.echo(out.table())
     typer.echo(f"written: {', '.join(str(Path(cfg.run) / r.FILE) for r in out.results.values())}, "
                f"{Path(cfg.run) / 'eval_suite.json'}")
+
+
+@user_errors
+@stage_command(InterpretConfig)
+def interpret(
+    run: str | None = typer.Argument(None, help=InterpretConfig.model_fields["run"].description),
+    config: Path | None = ConfigOpt,
+    latents: int | None = opt(InterpretConfig, "latents"),
+    latent_ids: str | None = typer.Option(None, help="comma-separated latent ids to interpret instead of drawing "
+                                          "--latents"),
+    tokens: int | None = opt(InterpretConfig, "examples.tokens"),
+    backend: str | None = opt(InterpretConfig, "explainer.backend", "--backend"),
+    llm_model: str | None = opt(InterpretConfig, "explainer.model", "--llm-model"),
+    base_url: str | None = opt(InterpretConfig, "explainer.base_url"),
+    randomized_control: bool = typer.Option(False, "--randomized-control",
+                                            help=InterpretConfig.model_fields["randomized_control"].description),
+    compare: str | None = opt(InterpretConfig, "compare"),
+    set_: list[str] | None = SetOpt,
+    *, stage: dict,
+) -> None:
+    """Explain and score an SAE's latents with an LLM (the embedded model by default), with the controls:
+    shuffled explanations, a token-list explainer, and optionally the randomized model.
+
+    Results go into RUN/interp/ (interp.json, windows.json, the LLM call cache) and the ledger."""
+    from saelab.experiments.interpret import interpret as run_interpret
+
+    ids = [int(x) for x in latent_ids.split(",") if x.strip()] if latent_ids else None
+    cfg = build(InterpretConfig, config, {"run": run, "latents": latents, "latent_ids": ids, "examples.tokens": tokens,
+                                          "explainer.backend": backend, "explainer.model": llm_model,
+                                          "explainer.base_url": base_url,
+                                          "randomized_control": randomized_control or None, "compare": compare,
+                                          **stage}, set_)
+    result = run_interpret(cfg)
+    typer.echo(result.table())
+    typer.echo(f"written: {Path(result.run or cfg.run) / result.FILE}")
 
 
 @user_errors

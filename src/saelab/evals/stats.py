@@ -70,6 +70,30 @@ def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Estimate:
                     n_units=int(v.shape[0]), n_boot=int(n_boot), method=METHOD)
 
 
+INDEPENDENT = "independent percentile bootstrap (Efron & Tibshirani 1993), each side's units resampled separately"
+
+
+def compare_independent(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, unit: str = "unit",
+                        sides: str = "") -> Comparison:
+    """Means of two independent samples (e.g. latents of two different coders): a, b, a - b and
+    their 95% CIs, each side resampled on its own (no pairing to exploit)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        nan = [float("nan"), float("nan")]
+        return Comparison(a=float("nan"), b=float("nan"), diff=float("nan"), a_ci95=nan, b_ci95=nan, diff_ci95=nan,
+                          n_units=int(min(a.size, b.size)), unit=unit, n_boot=int(n_boot), method=INDEPENDENT,
+                          sides=sides)
+    wa, wb = resample_counts(a.size, n_boot, seed), resample_counts(b.size, n_boot, seed + 1)
+    sa, sb = wa @ a / a.size, wb @ b / b.size
+
+    def ci(x: np.ndarray) -> list[float]:
+        return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
+
+    return Comparison(a=float(a.mean()), b=float(b.mean()), diff=float(a.mean() - b.mean()), a_ci95=ci(sa),
+                      b_ci95=ci(sb), diff_ci95=ci(sa - sb), n_units=int(min(a.size, b.size)), unit=unit,
+                      n_boot=int(n_boot), method=INDEPENDENT, sides=sides)
+
+
 def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Estimate:
     """sum(num) / sum(den) over units (e.g. faithfulness over prompts) with its percentile-bootstrap
     95% CI, the units resampled."""

@@ -1,4 +1,5 @@
-"""The whole loop on the embedded defaults: harvest -> train -> core eval, then a summary table.
+"""The whole loop on the embedded defaults: harvest -> train -> core eval -> a few latents explained
+and scored -> the feature dashboard and the results report, then a summary table.
 
 Each stage records its own ledger row; the quickstart records one more (its headline, with the
 user's --ledger-id when given, so a prediction registered for that id is checked on it).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -17,7 +18,7 @@ from saelab.config import StageConfig
 from saelab.device import resolve_device
 from saelab.experiments.evaluate import EvalConfig, evaluate
 from saelab.models.load import load_model
-from saelab.runs.ledger import check_ledger, record
+from saelab.runs.ledger import Ledger, check_ledger, ledger_path, record
 from saelab.runs.results import QuickstartResult, TrainResult
 from saelab.saes.config import SAEConfig
 from saelab.train.trainer import TrainConfig, train
@@ -40,6 +41,12 @@ class QuickstartConfig(StageConfig):
     lr: float = Field(1e-3, gt=0, description="higher than the long-run default: measured better for this short budget")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
     seed: int = 0
+    explain_latents: int = Field(16, ge=0, description="latents explained and scored by the embedded model for the "
+                                 "dashboard (0: none)")
+    dashboard: bool = Field(True, description="build the feature dashboard (RUN/dashboard/index.html)")
+    report: bool = Field(True, description="build the results report from the ledger (<runs_dir>/report.html)")
+
+    PAGES: ClassVar[frozenset[str]] = frozenset({"explain_latents", "dashboard", "report"})  # shown, not trained
 
 
 def quickstart(cfg: QuickstartConfig, progress: bool = True) -> QuickstartResult:
@@ -53,7 +60,7 @@ def quickstart(cfg: QuickstartConfig, progress: bool = True) -> QuickstartResult
     hcfg.out = str(Path(cfg.runs_dir) / "stores" / hcfg.store_name())
     store = harvest(hcfg, loaded=loaded, progress=progress)
     t1 = time.perf_counter()
-    tcfg = TrainConfig(store=str(store.path), name=f"{cfg.name}-{cfg.hash()[:8]}", runs_dir=cfg.runs_dir,
+    tcfg = TrainConfig(store=str(store.path), name=f"{cfg.name}-{cfg.hash(cfg.PAGES)[:8]}", runs_dir=cfg.runs_dir,
                        sae=SAEConfig(width=cfg.width, k=cfg.k), tokens=cfg.train_tokens,
                        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, **sub)
     run = train(tcfg, progress=progress)
@@ -61,17 +68,35 @@ def quickstart(cfg: QuickstartConfig, progress: bool = True) -> QuickstartResult
     core = evaluate(EvalConfig(run=str(run.path), tokens=cfg.eval_tokens, ce_tokens=cfg.ce_tokens, dtype=cfg.dtype,
                                seed=cfg.seed, **sub), loaded=loaded, progress=progress)
     t3 = time.perf_counter()
+    if cfg.explain_latents:
+        from saelab.experiments.interpret import InterpretConfig, interpret
+
+        interpret(InterpretConfig(run=str(run.path), latents=cfg.explain_latents, seed=cfg.seed, **sub),
+                  loaded=loaded, progress=progress)
+    t4 = time.perf_counter()
+    pages: dict[str, str] = {}
+    if cfg.dashboard:
+        from saelab.experiments.dashboard import DashboardConfig, build_dashboard
+
+        pages["dashboard"] = str(build_dashboard(DashboardConfig(run=str(run.path), device=cfg.device), loaded=loaded,
+                                                 progress=progress)[0])
+    t5 = time.perf_counter()
     s = TrainResult.read(run.summary_file)
     path = run.path / QuickstartResult.FILE
     # keep the timings of the run that did the work; a rerun that reuses every stage takes ~0 s
     seconds = QuickstartResult.read(path).seconds if path.is_file() else {
         "harvest": round(t1 - t0, 1), "train": round(t2 - t1, 1), "eval": round(t3 - t2, 1),
-        "total": round(t3 - t0, 1)}
+        "interpret": round(t4 - t3, 1), "dashboard": round(t5 - t4, 1), "total": round(t5 - t0, 1)}
     result = QuickstartResult(model=cfg.model, hook=cfg.hook, store=str(store.path), run_dir=str(run.path),
                               architecture=s.architecture, width=s.width, k=s.k, d_in=s.d_in, train_tokens=s.tokens,
                               train_seconds=s.wall_seconds, tokens_per_second=s.tokens_per_second, seed=cfg.seed,
-                              eval=core.headline(), seconds=seconds)
+                              eval=core.headline(), seconds=seconds, pages=pages)
     if not path.is_file() or QuickstartResult.read(path) != result:
         result.write(path)
     record(result, run.path, cfg)
+    if cfg.report and (ledger := ledger_path(cfg.ledger)) is not None:
+        from saelab.report.build import build_report, write_report
+
+        html_path, _ = write_report(build_report(Ledger(ledger)), Path(cfg.runs_dir) / "report.html")
+        result.pages["report"] = str(html_path)  # not in quickstart.json: the report changes with every ledger row
     return result

@@ -589,7 +589,8 @@ class QuickstartResult(Result):
     tokens_per_second: float
     seed: int
     eval: dict[str, float]
-    seconds: dict[str, float]  # harvest, train, eval, total: of the run that did the work
+    seconds: dict[str, float]  # harvest, train, eval, interpret, dashboard, total: of the run that did the work
+    pages: dict[str, str] = {}  # dashboard (and, once built, report): the pages to open
 
     def headline(self) -> dict[str, float]:
         return {k: self.eval[k] for k in ("explained_variance", "ce_loss_recovered", "kl_to_clean", "l0",
@@ -614,18 +615,138 @@ class QuickstartResult(Result):
             ("KL to clean", f"{e['kl_to_clean']:.4f} nats/token"),
             ("dead latents", f"{e['dead_fraction']:.4f} of latents never fired on {int(e['eval_tokens']):,} eval tokens"),
             ("eval tokens", f"{int(e['eval_tokens']):,} reconstruction, {int(e['ce_tokens']):,} CE (validation split)"),
-            ("wall time", f"{self.seconds['total']:.0f} s (harvest {self.seconds['harvest']:.0f}, train "
-                          f"{self.seconds['train']:.0f}, eval {self.seconds['eval']:.0f})"),
+            ("wall time", f"{self.seconds['total']:.0f} s (" + ", ".join(
+                f"{k} {v:.0f}" for k, v in self.seconds.items() if k != "total") + ")"),
             ("run directory", self.run_dir),
-        ]
+        ] + [(f"{k} page", v) for k, v in self.pages.items()]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+class InterpretResult(Result):
+    """Auto-interpretation of one coder's latents (RUN/interp/interp.json): one record per latent
+    (its explanations and detection, fuzzing, embedding, ... scores), the scores averaged over
+    latents with bootstrap CIs, and the controls (shuffled explanations, the token-list
+    explainer, the randomized model when run)."""
+
+    STAGE: ClassVar[str] = "interpret"
+    KIND: ClassVar[str] = "interp"
+    FILE: ClassVar[str] = "interp/interp.json"
+    PRIMARY: ClassVar[str | None] = "detection_real_vs_shuffled"
+
+    stage: str = "interpret"
+    result_version: int = 1
+    run: str | None = None
+    model: str
+    hook: str
+    seed: int = 0
+    width: int
+    n_latents: int
+    eligible_latents: int
+    examples: dict[str, Any]  # the examples pass: tokens, contexts, latents firing, text, split
+    latents: list[dict[str, Any]]  # one record per latent
+    scores: dict[str, dict[str, Estimate]]  # explanation name -> metric -> mean over latents [95% CI]
+    paired: dict[str, Comparison]  # comparisons over the same latents
+    controls: dict[str, Any]
+    validation: dict[str, Estimate]
+    llm: dict[str, Any]  # backends, usage, cache hits, log-probability fallbacks
+    parse_failures: dict[str, Any]
+    definitions: dict[str, str]
+    wall_seconds: dict[str, float]
+    device: str | None = None
+    peak_memory_bytes: int | None = None
+    config: dict[str, Any] = {}
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return dict(self.paired)
+
+    def headline(self) -> dict[str, float]:
+        out = {}
+        for name, metrics in self.scores.items():
+            for m in ("detection_balanced_accuracy", "fuzzing_balanced_accuracy", "embedding_auroc",
+                      "detection_auroc", "saebench_score", "saebench_floor"):
+                if m in metrics and math.isfinite(metrics[m].mean):
+                    out[f"{name}_{m}"] = metrics[m].mean
+        if "confidence" in self.validation and math.isfinite(self.validation["confidence"].mean):
+            out["confidence"] = self.validation["confidence"].mean
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "tokens": self.examples.get("tokens"), "seed": self.seed,
+                "wall_seconds": self.wall_seconds.get("total"), "data_source": self.examples.get("text"),
+                "data_slice": self.examples.get("split"), "device": self.device,
+                "peak_memory_bytes": self.peak_memory_bytes}
+
+    def table(self) -> str:
+        lines = [f"interpretation of {self.n_latents} latents (of {self.eligible_latents} eligible, width "
+                 f"{self.width}); mean over latents [95% CI]"]
+        metrics = ("detection_balanced_accuracy", "detection_auroc", "fuzzing_balanced_accuracy", "embedding_auroc",
+                   "discrimination_accuracy", "simulation_pearson_r", "saebench_score")
+        lines.append(f"  {'explanation':<14}" + "".join(f"{m.replace('_balanced_accuracy', ' BA'):>26}"
+                                                       for m in metrics))
+        for name, ms in self.scores.items():
+            cells = []
+            for m in metrics:
+                e = ms.get(m)
+                cells.append("-" if e is None or not math.isfinite(e.mean) else
+                             f"{e.mean:.3f} [{e.ci95[0]:.3f},{e.ci95[1]:.3f}]")
+            lines.append(f"  {name:<14}" + "".join(f"{c:>26}" for c in cells))
+        lines.append("paired over latents (a, b, a - b [95% CI]):")
+        lines += [f"  {k:<40} {c.cell()}" for k, c in self.paired.items()]
+        for k, v in self.controls.items():
+            if isinstance(v, dict) and "comparison" in v:
+                c = Comparison.model_validate(v["comparison"])
+                lines.append(f"  {k:<40} {c.cell()}  ({c.method.split(',')[0]})")
+        if "confidence" in self.validation:
+            e = self.validation["confidence"]
+            lines.append(f"label confidence (composite): {e.mean:.3f} [{e.ci95[0]:.3f}, {e.ci95[1]:.3f}]")
+        return "\n".join(lines)
+
+
+class InterpretCompareResult(Result):
+    """Two coders interpreted on the same latents budget with the same scorer (RUN_A/interp/
+    compare-<B>.json): both sides, the difference and its CI (latents of two coders are
+    independent units: an unpaired bootstrap)."""
+
+    STAGE: ClassVar[str] = "interpret"
+    KIND: ClassVar[str] = "interp-compare"
+    FILE: ClassVar[str] = "interp/compare.json"
+    PRIMARY: ClassVar[str | None] = "detection_balanced_accuracy"
+
+    stage: str = "interpret"
+    run_a: str
+    run_b: str
+    model: str
+    hook: str
+    seed: int = 0
+    n_latents: dict[str, int]
+    sides: str
+    gaps: dict[str, Comparison]
+    wall_seconds: float | None = None
+    config: dict[str, Any] = {}
+
+    def comparisons(self) -> dict[str, Comparison]:
+        return dict(self.gaps)
+
+    def headline(self) -> dict[str, float]:
+        out = {}
+        for k, g in self.gaps.items():
+            out |= {f"{k}_a": g.a, f"{k}_b": g.b}
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "seed": self.seed, "wall_seconds": self.wall_seconds}
+
+    def table(self) -> str:
+        return "\n".join([f"interpretation compared: a = {self.run_a}, b = {self.run_b} (a, b, a - b [95% CI])",
+                          *(f"  {k:<34} {g.cell()}" for k, g in self.gaps.items())])
 
 
 EVAL_RESULTS: dict[str, type[Result]] = {"core": CoreResult, "probing": ProbingResult,
                                          "absorption": AbsorptionResult, "control": ControlResult}
 RESULTS: tuple[type[Result], ...] = (TrainResult, *EVAL_RESULTS.values(), ProbeSettingResult, ScrResult,
-                                     TppResult, ProbeAnalysesResult, QuickstartResult)
+                                     TppResult, ProbeAnalysesResult, QuickstartResult,
+                                     InterpretResult, InterpretCompareResult)
 
 
 class SteerDirection(BaseModel):
