@@ -150,8 +150,8 @@ def test_the_pages_in_a_real_browser_from_disk_and_from_the_server(tmp_path):
         _wait(driver, lambda: "no page data" in driver.find_element(By.ID, "app").text)
         console_errors(driver)  # the missing file's load error, expected: cleared before the next checks
         server, _ = start_server(out)
-        check_pages(driver, "http://127.0.0.1:%d/" % server.server_address[1], 7, "banana")
-        driver.get("http://127.0.0.1:%d/#join" % server.server_address[1])
+        check_pages(driver, f"http://127.0.0.1:{server.server_address[1]}/", 7, "banana")
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/#join")
         _wait(driver, lambda: "ablation" in driver.find_element(By.ID, "latents").text)
     finally:
         driver.quit()

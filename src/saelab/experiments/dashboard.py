@@ -26,6 +26,7 @@ from pydantic import Field
 from saelab.config import Config
 from saelab.dashboard.build import Column, SiteData, write_site
 from saelab.experiments.evaluate import open_run
+from saelab.experiments.interpret import examples_fingerprint
 from saelab.interp.examples import (
     ExamplesConfig,
     band_sample,
@@ -34,7 +35,6 @@ from saelab.interp.examples import (
     quantile_bands,
     read_windows,
 )
-from saelab.experiments.interpret import examples_fingerprint
 from saelab.intervene.lens import logit_lens
 from saelab.io import read_json
 from saelab.models.load import LoadedModel
