@@ -93,7 +93,7 @@ def test_the_openai_backend_against_transformers_serve(served, tmp_path):
     assert again.gives_logprobs is False  # known from the cached answers
 
 
-def test_interpret_through_transformers_serve(served, char_run, tiny_loaded, text_jsonl):
+def test_interpret_through_transformers_serve(served, char_run, tiny_loaded, text_jsonl):  # noqa: F811
     """The whole stage (explain, score, controls) with the server as explainer and scorer, on two
     synthetic latents at a tiny budget: real answers, the AUROC fallback named, balanced accuracy
     reported, and a recomputation served entirely from the cache."""
