@@ -321,8 +321,11 @@ def _llm_stats(explainer: LLM, scorer: LLM, cfg: InterpretConfig) -> dict[str, A
     out = {"explainer": one(explainer, cfg.explainer)}
     out["scorer"] = out["explainer"] if scorer is explainer else one(scorer, cfg.scorer_cfg)
     if scorer.gives_logprobs is False:
-        out["fallback"] = ("the scorer backend gave no log-probabilities: detection, fuzzing and discrimination report "
-                           "balanced accuracy / accuracy only (no AUROC, no P(correct))")
+        fall = [f"{s}_auroc" for s in ("detection", "fuzzing") if s in cfg.score.scorers]
+        fall += ["discrimination P(correct)"] if "discrimination" in cfg.score.scorers else []
+        out["fallback"] = (f"the scorer backend gave no log-probabilities: {', '.join(fall) or 'nothing'} not computed; "
+                           "detection and fuzzing report balanced accuracy, discrimination accuracy")
+        out["fallback_scores"] = fall
     return out
 
 
