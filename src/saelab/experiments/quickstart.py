@@ -44,9 +44,11 @@ class QuickstartConfig(StageConfig):
     explain_latents: int = Field(16, ge=0, description="latents explained and scored by the embedded model for the "
                                  "dashboard (0: none)")
     dashboard: bool = Field(True, description="build the feature dashboard (RUN/dashboard/index.html)")
+    examples_tokens: int = Field(200_000, gt=0, description="held-out tokens of the examples pass the explanations "
+                                 "and the dashboard share")
     report: bool = Field(True, description="build the results report from the ledger (<runs_dir>/report.html)")
 
-    PAGES: ClassVar[frozenset[str]] = frozenset({"explain_latents", "dashboard", "report"})  # shown, not trained
+    PAGES: ClassVar[frozenset[str]] = frozenset({"explain_latents", "dashboard", "examples_tokens", "report"})  # shown, not trained
 
 
 def quickstart(cfg: QuickstartConfig, progress: bool = True) -> QuickstartResult:
@@ -71,14 +73,15 @@ def quickstart(cfg: QuickstartConfig, progress: bool = True) -> QuickstartResult
     if cfg.explain_latents:
         from saelab.experiments.interpret import InterpretConfig, interpret
 
-        interpret(InterpretConfig(run=str(run.path), latents=cfg.explain_latents, seed=cfg.seed, **sub),
-                  loaded=loaded, progress=progress)
+        interpret(InterpretConfig(run=str(run.path), latents=cfg.explain_latents, seed=cfg.seed,
+                                  examples={"tokens": cfg.examples_tokens}, **sub), loaded=loaded, progress=progress)
     t4 = time.perf_counter()
     pages: dict[str, str] = {}
     if cfg.dashboard:
         from saelab.experiments.dashboard import DashboardConfig, build_dashboard
 
-        pages["dashboard"] = str(build_dashboard(DashboardConfig(run=str(run.path), device=cfg.device), loaded=loaded,
+        pages["dashboard"] = str(build_dashboard(DashboardConfig(run=str(run.path), device=cfg.device,
+                                                                 examples={"tokens": cfg.examples_tokens}), loaded=loaded,
                                                  progress=progress)[0])
     t5 = time.perf_counter()
     s = TrainResult.read(run.summary_file)
