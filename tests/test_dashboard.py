@@ -177,6 +177,9 @@ def test_a_runs_dashboard_end_to_end_on_the_tiny_model(own_sae_run, tiny_loaded,
                                     "batch_size": 8, "n_top": 5, "reservoir": 20, "pool": 16})
     index, wall = build_dashboard(cfg, loaded=tiny_loaded, progress=False)
     assert index.is_file() and wall["total"] > 0
+    mtime = index.stat().st_mtime_ns
+    assert build_dashboard(cfg, loaded=tiny_loaded, progress=False) == (index, wall)  # same inputs: reused
+    assert index.stat().st_mtime_ns == mtime
     data = json.loads((tmp_path / "dash" / "data" / "index.js").read_text()[22:-2])
     state = ExampleState.load(examples_state_path(own_sae_run.path))
     alive = (state.fire_contexts > 0).nonzero().squeeze(1).tolist()

@@ -36,7 +36,7 @@ from saelab.interp.examples import (
     read_windows,
 )
 from saelab.intervene.lens import logit_lens
-from saelab.io import read_json
+from saelab.io import read_json, stable_hash, write_json
 from saelab.models.load import LoadedModel
 
 
@@ -72,6 +72,12 @@ def build_dashboard(cfg: DashboardConfig, loaded: LoadedModel | None = None, pro
     run = o.run.path
     ctx_len = cfg.examples.ctx_len or o.meta.get("ctx_len") or 128
     fp = examples_fingerprint(cfg.examples, o.run, o.model_name, ctx_len)
+    out = Path(cfg.out or run / "dashboard")
+    key = stable_hash({"config": cfg.hash(), "examples": fp, "results": {
+        str(f.relative_to(run)): [f.stat().st_size, f.stat().st_mtime_ns] for f in _joined_files(run)}})
+    stamp = out / "build.json"
+    if stamp.is_file() and (out / "index.html").is_file() and (old := read_json(stamp)).get("key") == key:
+        return out / "index.html", old["wall_seconds"]  # built from the same inputs: reused as it is
     state = collect_examples(cfg.examples, o.sae, o.loaded, o.hp, o.positions, ctx_len, examples_state_path(run),
                              fp, progress)
     t["examples"] = time.perf_counter()
@@ -150,7 +156,6 @@ def build_dashboard(cfg: DashboardConfig, loaded: LoadedModel | None = None, pro
     t["assemble"] = time.perf_counter()
     keys = sorted({k for r in rows for k in r} - {c.key for c in BASE_COLUMNS})
     columns = BASE_COLUMNS + [Column(k, k.replace("_", " "), _kind(rows, k), help=JOIN_HELP.get(k, "")) for k in keys]
-    out = Path(cfg.out or run / "dashboard")
     dead = o.sae.cfg.width - len(alive)
     meta = {"title": f"saelab dashboard: {run.name}", "run": str(run), "model": o.model_name, "hook": str(o.hp),
             "subtitle": (f"{o.model_name} at {o.hp}, {o.sae.cfg.width:,} latents ({dead:,} never fired on the "
@@ -161,8 +166,10 @@ def build_dashboard(cfg: DashboardConfig, loaded: LoadedModel | None = None, pro
     index = write_site(SiteData(meta, columns, rows, latents), out)
     t["write"] = time.perf_counter()
     names = list(t)
-    return index, {b: round(t[b] - t[a], 2) for a, b in zip(names, names[1:], strict=False)} | {
+    wall = {b: round(t[b] - t[a], 2) for a, b in zip(names, names[1:], strict=False)} | {
         "total": round(t["write"] - t["start"], 2)}
+    write_json(stamp, {"key": key, "wall_seconds": wall})
+    return index, wall
 
 
 BASE_COLUMNS = [
@@ -212,6 +219,12 @@ def _flat_scores(scores: dict[str, Any]) -> dict[str, float]:
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     out[f"{name} {scorer} {m}"] = float(v)
     return out
+
+
+def _joined_files(run: Path) -> list[Path]:
+    """The result files the dashboard joins per latent (a change in any rebuilds it)."""
+    fixed = [run / "interp" / "interp.json", run / "probe" / "analyses.json", run / "eval_absorption.json"]
+    return [f for f in fixed if f.is_file()] + sorted(run.glob("ablate/*.json")) + sorted(run.glob("steer/*.json"))
 
 
 def _joins(run: Path) -> tuple[dict[str, dict[int, Any]], list[dict[str, str]]]:

@@ -8,6 +8,7 @@ that computes it."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,9 +187,20 @@ def write_report(report: Report, out: str | Path) -> tuple[Path, Path]:
     html_path = out if out.suffix == ".html" else out.with_suffix(".html")
     md_path = html_path.with_suffix(".md")
     files = html_path.with_name(html_path.stem + "_files")
+    md = report.markdown.replace("](figures/", f"]({files.name}/")
+    if _unchanged(html_path, report.html) and _unchanged(md_path, md):
+        return html_path, md_path  # the same report: left as it was (and when) it was built
     for name, svg in report.figures.items():
         write_text(files / name, svg)
     write_text(html_path, report.html)
-    write_text(md_path, report.markdown.replace("](figures/", f"]({files.name}/"))
+    write_text(md_path, md)
     return html_path, md_path
+
+
+_BUILT = re.compile(r"built \d{4}-\d\d-\d\d \d\d:\d\d UTC")
+
+
+def _unchanged(path: Path, text: str) -> bool:
+    """Whether path already holds text, up to the time it was built."""
+    return path.is_file() and _BUILT.sub("", path.read_text(encoding="utf-8")) == _BUILT.sub("", text)
 
