@@ -44,7 +44,7 @@ class QuickstartConfig(StageConfig):
     explain_latents: int = Field(16, ge=0, description="latents explained and scored by the embedded model for the "
                                  "dashboard (0: none)")
     dashboard: bool = Field(True, description="build the feature dashboard (RUN/dashboard/index.html)")
-    examples_tokens: int = Field(200_000, gt=0, description="held-out tokens of the examples pass the explanations "
+    examples_tokens: int = Field(50_000, gt=0, description="held-out tokens of the examples pass the explanations "
                                  "and the dashboard share")
     report: bool = Field(True, description="build the results report from the ledger (<runs_dir>/report.html)")
 
