@@ -35,6 +35,7 @@ from saelab.interp.examples import (
     quantile_bands,
     read_windows,
 )
+from saelab.interp.select import nearest_latents
 from saelab.intervene.lens import logit_lens
 from saelab.io import read_json, stable_hash, write_json
 from saelab.models.load import LoadedModel
@@ -114,11 +115,12 @@ def build_dashboard(cfg: DashboardConfig, loaded: LoadedModel | None = None, pro
 
     W = o.sae.W_dec.detach().float()  # [width, d]
     lens = logit_lens(o.loaded.model, W, k=cfg.lens_k)
-    near = _neighbours(W, cfg.neighbours)
+    near = _neighbours(W, alive, cfg.neighbours)
     t["weights"] = time.perf_counter()
     docs = documents(cfg.examples)
     joins, missing = _joins(run)
     latents, rows = {}, []
+    density, mean_act = state.density(), state.mean_activation()  # [width] each, once
     for j in alive:
         pj = plan[j]
         vals = np.array([v for v, _, _ in pj["sample"]])
@@ -128,9 +130,9 @@ def build_dashboard(cfg: DashboardConfig, loaded: LoadedModel | None = None, pro
             s = docs[state.ctx_doc[c]].source
             domains[s] = domains.get(s, 0) + 1
         ex = joins["interp"].get(j)
-        join = {k: v for k, v in joins["row"].get(j, {}).items()}
+        join = dict(joins["row"].get(j, {}))
         latents[j] = {
-            "stats": {"density": float(state.density()[j]), "mean_activation": float(state.mean_activation()[j]),
+            "stats": {"density": float(density[j]), "mean_activation": float(mean_act[j]),
                       "max_activation": float(state.act_max[j]), "fire_contexts": int(state.fire_contexts[j])},
             "hist": {"edges": edges.tolist(), "counts": counts.tolist(),
                      "what": f"each context's maximum activation, over a uniform sample of {len(vals)} of the "
@@ -196,18 +198,18 @@ def _kind(rows: list[dict[str, Any]], key: str) -> str:
     return "num" if vals and all(isinstance(v, int | float) for v in vals) else "text"
 
 
-@torch.no_grad()
-def _neighbours(W: torch.Tensor, k: int, chunk: int = 1024) -> list[list[tuple[int, float]]]:
-    """Each latent's k nearest other latents by decoder cosine."""
-    if k == 0:
-        return [[] for _ in range(W.shape[0])]
-    U = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    out = []
-    for s in range(0, U.shape[0], chunk):
-        sim = U[s:s + chunk] @ U.t()  # [chunk, width]
-        sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -2.0
-        v, i = sim.topk(min(k, U.shape[0] - 1), dim=1)
-        out += [list(zip(a.tolist(), b.tolist(), strict=True)) for a, b in zip(i, v, strict=True)]
+def _neighbours(W: torch.Tensor, alive: list[int], k: int, chunk: int = 1024) -> dict[int, list[tuple[int, float]]]:
+    """Each alive latent's k nearest other alive latents by decoder cosine (interp's
+    nearest_latents, `chunk` latents at a time so only [chunk, width] cosines are held)."""
+    if k == 0 or len(alive) < 2:
+        return {j: [] for j in alive}
+    mask = torch.zeros(W.shape[0], 1)
+    mask[alive] = 1.0
+    out = {}
+    for s in range(0, len(alive), chunk):
+        ids = torch.tensor(alive[s:s + chunk])
+        i, v = nearest_latents(W * mask, ids, min(k, len(alive) - 1))
+        out |= {int(j): list(zip(a.tolist(), b.tolist(), strict=True)) for j, a, b in zip(ids, i, v, strict=True)}
     return out
 
 
