@@ -5,7 +5,7 @@ import torch
 
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.data.tokens import Positions
-from saelab.evals.core import ce_metrics, validation_batches
+from saelab.evals.core import CoreConfig, ce_metrics, validation_batches
 from saelab.experiments.evaluate import EvalConfig, evaluate
 from saelab.models.hooks import HookPoint
 from saelab.saes import load_sae
@@ -124,3 +124,86 @@ def test_an_older_eval_json_without_a_new_field_is_reused(trained, tiny_model_di
     stamp = (trained.path / "eval.json").stat().st_mtime_ns
     evaluate(cfg, loaded=tiny_loaded, progress=False)
     assert (trained.path / "eval.json").stat().st_mtime_ns == stamp
+
+
+def _reference_ce(sae, loaded, hp, stream, n_tokens, mean_act):
+    """The CE/KL eval as it was first written: five full passes, whole [batch, ctx, vocab] logits."""
+    from saelab.data.tokens import keep_mask
+    from saelab.evals.core import scored_positions
+    from saelab.evals.metrics import token_ce, token_kl
+    from saelab.models.hooks import run_with_patch
+
+    sums = dict.fromkeys(("clean", "sae", "zero", "zero_all", "mean", "kl"), 0.0)
+    n = 0
+    for batch in stream:
+        if n >= n_tokens:
+            break
+        keep, _ = keep_mask(batch, loaded.tokenizer, Positions())
+        score = scored_positions(batch, keep)
+        targets = batch.input_ids[:, 1:][score]
+
+        def splice(fn, keep=keep):
+            def patch(x):
+                y = x.clone()
+                y[keep] = fn(x[keep].float()).to(x.dtype)
+                return y
+            return patch
+        patches = {"clean": None, "sae": splice(sae.reconstruct), "zero": splice(torch.zeros_like),
+                   "zero_all": torch.zeros_like, "mean": splice(lambda x: mean_act.expand_as(x))}
+        kept = {}
+        for k, fn in patches.items():
+            flat = run_with_patch(loaded.model, hp, fn, batch.input_ids, batch.attention_mask)[:, :-1][score]
+            sums[k] += float(token_ce(flat, targets).sum())
+            kept[k] = flat
+        sums["kl"] += float(token_kl(kept["clean"], kept["sae"]).sum())
+        n += targets.shape[0]
+    return {k: v / n for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("hook", ["resid_post.1", "mlp_out.1", "resid_mid.2"])
+def test_ce_from_a_shared_prefix_in_chunks_equals_five_full_passes(trained, tiny_model_dir, tiny_loaded, text_jsonl,
+                                                                   hook):
+    """The streamed eval (lower blocks once, patched passes from the cached residual, logits in
+    row chunks) gives the numbers of five full passes with whole logits, for a residual hook and
+    for hooks inside a block (the prefix is then the block's input)."""
+    sae, _ = load_sae(trained.checkpoint_dir)
+    cfg = _eval(trained, tiny_model_dir, text_jsonl)
+    hp = HookPoint.parse(hook)
+    mean_act = torch.randn(32) * 0.1
+    want = _reference_ce(sae, tiny_loaded, hp, validation_batches(cfg, tiny_loaded, Positions()), 600, mean_act)
+    got = ce_metrics(sae, tiny_loaded, hp, validation_batches(cfg, tiny_loaded, Positions()), 600, False,
+                     mean_act=mean_act)
+    pairs = {"clean": "ce_clean", "sae": "ce_sae", "zero": "ce_zero", "zero_all": "ce_zero_all_positions",
+             "mean": "ce_mean", "kl": "kl_to_clean"}
+    for k, name in pairs.items():
+        assert got[name] == pytest.approx(want[k], rel=1e-5, abs=1e-6), name
+    assert got["ce_zero"] != got["ce_sae"] != got["ce_clean"]
+
+
+def test_ce_eval_memory_stays_bounded_with_a_huge_vocabulary(tmp_path, text_jsonl):
+    """A 250k-token vocabulary (Gemma's size) at batch 16 x 64: whole logits would be 1 GB a pass
+    and the five-pass eval held ~5 of them (>4 GB measured as first written); streamed, the peak
+    resident memory over the eval stays under 1.5 GB."""
+    from tiny import byte_tokenizer, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from saelab.device import peak_memory_bytes, reset_peak
+    from saelab.models.load import LoadedModel
+    from saelab.saes.base import build_sae
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=250_000, num_hidden_layers=2,
+                                                         tie_word_embeddings=True)).eval().requires_grad_(False)
+    loaded = LoadedModel(model, byte_tokenizer(), "huge-vocab", "memory")
+    sae = build_sae(SAEConfig(width=64, k=4, d_in=32))
+    cfg = CoreConfig(text=str(text_jsonl), tokens=1000, ce_tokens=2000, ctx_len=64, batch_size=16)
+    hp = HookPoint(0, "resid_post")
+    import gc
+    gc.collect()
+    base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    reset_peak(torch.device("cpu"))
+    r = ce_metrics(sae, loaded, hp, validation_batches(cfg, loaded, Positions()), 2000, False,
+                   mean_act=torch.zeros(32))
+    peak = peak_memory_bytes(torch.device("cpu")) - base
+    assert r["ce_tokens"] >= 2000 and r["ce_clean"] > 0
+    assert peak < 1.5e9, f"CE eval peaked {peak / 1e9:.2f} GB above its start"

@@ -8,11 +8,17 @@ from saelab.models.hooks import (
     HookPoint,
     arch_of,
     capture,
+    final_hidden,
     final_norm,
     forward_from,
+    hidden_patched_from,
     mlp_fn,
+    prefix_point,
+    record,
+    replace,
     resolve,
     run_with_patch,
+    unembed,
     valid_hook_points,
 )
 
@@ -253,3 +259,45 @@ def test_public_patch_api_runs_with_gradients(tiny_loaded):
         assert g.requires_grad and g.grad_fn is not None
     finally:
         emb.weight.requires_grad_(False)
+
+
+def test_unembed_of_final_hidden_is_the_models_logits(family):
+    """The head applied to the final hidden states gives the full forward's logits (Gemma-2's
+    soft-capping included), which is what lets the CE eval make logits in chunks."""
+    name, model = family
+    ids, mask = _ids(5)
+    if name == "bert":
+        with pytest.raises(ValueError, match="LM head"):
+            unembed(model, torch.zeros(2, 32))
+        return
+    clean = run_with_patch(model, HookPoint(0, "resid_post"), None, ids, mask)
+    assert torch.allclose(unembed(model, final_hidden(model, ids, mask)), clean, atol=1e-5)
+    if name == "gemma2":
+        assert model.config.final_logit_softcapping  # the capped family really is exercised
+
+
+def test_patched_passes_from_a_shared_prefix_equal_full_patched_passes(family):
+    """Every hook kind at every layer: the final hidden states of a pass patched at the hook,
+    run from the clean residual at its block (`prefix_point`), equal those of the full patched
+    pass; and the patch really changes them."""
+    name, model = family
+    if name == "bert":
+        return
+    ids, mask = _ids(6)
+    clean = final_hidden(model, ids, mask)
+    for L in range(model.config.num_hidden_layers):
+        for kind in KINDS:
+            if kind == "resid_mid" and _parallel(model):
+                continue
+            hp = HookPoint(L, kind)
+            with record(model, [prefix_point(hp)]) as rec:
+                final_hidden(model, ids, mask)
+            prefix = rec[prefix_point(hp)]
+
+            def fn(x):
+                return x * 1.5 + 0.1
+            with replace(model, hp, fn):
+                want = final_hidden(model, ids, mask)
+            got = hidden_patched_from(model, hp, prefix, fn, ids, mask)
+            assert torch.allclose(got, want, atol=1e-5), (L, kind)
+            assert not torch.allclose(got, clean, atol=1e-3), (L, kind)

@@ -58,14 +58,30 @@ def describe(device: torch.device) -> str:
 
 
 def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory measurement: CUDA's allocator peak, or on Linux the process's
+    resident high-water mark (VmHWM, reset by writing 5 to /proc/self/clear_refs)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then counts from the process start
+        pass
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:
-    """Peak device memory since `reset_peak` (CUDA), or the process's max RSS (CPU)."""
+    """Peak device memory since `reset_peak` (CUDA), or the process's peak resident memory (CPU:
+    since `reset_peak` on Linux, else since the process started)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # pragma: no cover - not on POSIX

@@ -16,6 +16,7 @@ directories (saelab.experiments.evaluate reads and writes those).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Literal
 
@@ -31,15 +32,15 @@ from saelab.data.tokens import Batch, Positions, batches, contexts, keep_mask, s
 from saelab.device import check_fits, describe, peak_memory_bytes, reset_peak
 from saelab.evals.metrics import (
     Moments,
+    ce_chunk_rows,
     ce_loss_recovered,
+    chunked_ce_kl,
     density_histogram,
     explained_variance_legacy,
     most_similar_decoder_pairs,
-    token_ce,
-    token_kl,
 )
 from saelab.hookpoints import HookPoint
-from saelab.models.hooks import run_with_patch
+from saelab.models.hooks import final_hidden, hidden_patched_from, prefix_point, record, unembed
 from saelab.models.load import LoadedModel
 from saelab.runs.results import CoreResult
 from saelab.saes.base import SparseCoder
@@ -54,7 +55,8 @@ class CoreConfig(Config):
     text_field: str = "text"
     split: Literal["train", "validation"] = "validation"
     tokens: int = Field(32_768, gt=0, description="validation tokens for reconstruction metrics")
-    ce_tokens: int = Field(16_384, gt=0, description="validation tokens for CE / KL (five full forwards each)")
+    ce_tokens: int = Field(16_384, gt=0, description="validation tokens for CE / KL (one clean forward and four "
+                           "patched ones from the hook's block up, each)")
     ctx_len: int | None = Field(None, ge=2, description="tokens per context; default: the coder's own (its "
                                 "harvest's), else 128")
     batch_size: int = Field(16, gt=0, description="contexts per forward pass")
@@ -88,10 +90,14 @@ DEFINITIONS = {
 
 
 def ce_bytes(cfg: CoreConfig, loaded: LoadedModel) -> int:
-    """A rough upper estimate of the CE/KL eval's memory beyond the model: one forward's float32
-    logits [batch, ctx, vocab] with its log-softmax, and the clean and spliced ones kept for the KL."""
-    vocab = getattr(loaded.model.config, "vocab_size", 0) or 0
-    return 6 * 4 * cfg.batch_size * (cfg.ctx_len or DEFAULT_CTX_LEN) * vocab
+    """A rough upper estimate of the CE/KL eval's memory beyond the model: a few float32 logit
+    chunks (chunked_ce_kl keeps at most ~4 live) and a few [batch, ctx, d] activations; no longer
+    growing with batch x ctx x vocab."""
+    c = loaded.model.config
+    vocab = getattr(c, "vocab_size", 0) or 0
+    d = getattr(c, "hidden_size", 0) or 0
+    tokens = cfg.batch_size * (cfg.ctx_len or DEFAULT_CTX_LEN)
+    return 4 * 4 * min(tokens, ce_chunk_rows(vocab)) * vocab + 8 * 4 * tokens * d
 
 
 def validation_batches(cfg: CoreConfig, loaded: LoadedModel, positions: Positions):
@@ -224,7 +230,20 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
                ) -> dict[str, Any]:
     """Clean, SAE-spliced, zero-ablated at the kept positions, zero-ablated at every position
     (the SAELens convention) and, given mean_act [d], mean-ablated next-token CE; and
-    KL(clean || spliced). Averages over `scored_positions`."""
+    KL(clean || spliced). Averages over `scored_positions`.
+
+    Per batch the model runs once clean, keeping the residual at the hook's block
+    (`prefix_point`); each patched pass starts from it, so the blocks below the hook run once,
+    not five times. Passes return final hidden states, and CE / KL are computed from them in
+    row chunks (`chunked_ce_kl`): no [batch, ctx, vocab] logits tensor is ever whole, so memory
+    beyond the model stays bounded for any vocabulary."""
+    model = loaded.model
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"the CE/KL eval needs a model with an LM head; {model.config.model_type} has none "
+                         "(an encoder): evaluate reconstruction only")
+    head = functools.partial(unembed, model)
+    rows = ce_chunk_rows(model.get_output_embeddings().weight.shape[0])
+    base = prefix_point(hp)
     device = loaded.device
     sums = dict.fromkeys(("clean", "sae", "zero", "zero_all", "mean", "kl"), 0.0)
     n = 0
@@ -245,17 +264,20 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
                 return y
             return patch
 
-        patches = {"clean": None, "sae": splice(sae.reconstruct), "zero": splice(torch.zeros_like),
+        patches = {"sae": splice(sae.reconstruct), "zero": splice(torch.zeros_like),
                    "zero_all": torch.zeros_like}  # zero_all: every position, BOS included (SAELens)
         if mean_act is not None:
             patches["mean"] = splice(lambda x: mean_act.expand_as(x))
-        kept_logits = {}
-        for k, fn in patches.items():  # one [B, T, vocab] at a time; clean and sae kept for the KL
-            flat = run_with_patch(loaded.model, hp, fn, ids, mask)[:, :-1][score]  # [tokens, vocab]
-            sums[k] += float(token_ce(flat, targets).sum())
-            if k in ("clean", "sae"):
-                kept_logits[k] = flat
-        sums["kl"] += float(token_kl(kept_logits["clean"], kept_logits["sae"]).sum())
+        with record(model, [base]) as rec:
+            h_clean = final_hidden(model, ids, mask)[:, :-1][score]  # [tokens, d]
+        prefix = rec[base]  # [B, T, d] the clean residual the patched passes start from
+        sums["clean"] += float(chunked_ce_kl(h_clean, targets, head, chunk_rows=rows)[0].sum())
+        for k, fn in patches.items():
+            h = hidden_patched_from(model, hp, prefix, fn, ids, mask)[:, :-1][score]  # [tokens, d]
+            ce, kl = chunked_ce_kl(h, targets, head, h_clean if k == "sae" else None, rows)
+            sums[k] += float(ce.sum())
+            if kl is not None:
+                sums["kl"] += float(kl.sum())
         n += targets.shape[0]
         bar.update(targets.shape[0])
     bar.close()

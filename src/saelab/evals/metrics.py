@@ -12,6 +12,8 @@ Definitions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +68,31 @@ def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     lp = F.log_softmax(logits_p.float(), -1)
     lq = F.log_softmax(logits_q.float(), -1)
     return (lp.exp() * (lp - lq)).sum(-1)
+
+
+CE_CHUNK_ELEMS = 1 << 25  # logits per chunk: 128 MiB of float32 (341 rows of a 98k vocab, 128 of a 262k one)
+
+
+def ce_chunk_rows(vocab: int, chunk_elems: int = CE_CHUNK_ELEMS) -> int:
+    """Rows of [rows, vocab] logits per chunk for chunked_ce_kl."""
+    return max(1, chunk_elems // max(1, vocab))
+
+
+def chunked_ce_kl(h: torch.Tensor, targets: torch.Tensor, unembed: Callable[[torch.Tensor], torch.Tensor],
+                  h_ref: torch.Tensor | None = None, chunk_rows: int = 256
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token CE [n] of the logits unembed(h) against targets [n] and, given h_ref, per-token
+    KL(p_ref || p) [n], from final hidden states h, h_ref [n, d] rather than logits: the [n, vocab]
+    logits are made chunk_rows rows at a time and dropped, so memory stays bounded whatever the
+    vocabulary. Equal to token_ce / token_kl on the whole logits (the same row-wise operations)."""
+    ce, kl = [], []
+    for s in range(0, h.shape[0], chunk_rows):
+        logits = unembed(h[s:s + chunk_rows])  # [chunk, vocab]
+        ce.append(token_ce(logits, targets[s:s + chunk_rows]))
+        if h_ref is not None:
+            kl.append(token_kl(unembed(h_ref[s:s + chunk_rows]), logits))
+    empty = h.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(ce) if ce else empty), (None if h_ref is None else torch.cat(kl) if kl else empty)
 
 
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:

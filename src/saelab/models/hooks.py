@@ -315,14 +315,34 @@ def _skipping(model: nn.Module, n: int) -> Iterator[None]:
             blocks[i] = b
 
 
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The last residual after the final norm [batch, seq, d] (what the unembedding reads), with
+    whatever patches are active: the logits without their [batch, seq, vocab] tensor."""
+    return _forward(model, input_ids, attention_mask, logits=False).last_hidden_state
+
+
+def unembed(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Logits [..., vocab] from final hidden states h [..., d], as the model's head makes them
+    (Gemma-2's final logit soft-capping included). `unembed(final_hidden(...))` equals `forward`
+    for every family in ARCHS (tests/test_hooks.py)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{model.config.model_type} has no LM head to unembed with (an encoder)")
+    logits = head(h)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def forward_from(model: nn.Module, hook: str | HookPoint, resid: torch.Tensor, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
     """Logits [batch, seq, vocab] of the model given the residual stream `resid` [batch, seq, d] at
     `hook` (resid_pre.L or resid_post.L): the blocks before the hook do not run (they are replaced
     by pass-throughs and `resid` is put where their output would be), the rest run as usual, with
     any patches active. input_ids and attention_mask still set the positions and the masks (the
     token embedding is computed and discarded). Equals `forward` when `resid` is the clean
-    activation (tests/test_hooks.py). Gradients follow the ambient mode."""
+    activation (tests/test_hooks.py). hidden=True: the final hidden states [batch, seq, d] instead
+    (see `final_hidden`). Gradients follow the ambient mode."""
     hp = resolve(model, hook)
     if hp.kind not in ("resid_pre", "resid_post"):
         raise ValueError(f"forward_from needs a residual-stream hook (resid_pre.L or resid_post.L), not {hp}: "
@@ -330,7 +350,7 @@ def forward_from(model: nn.Module, hook: str | HookPoint, resid: torch.Tensor, i
     if arch_of(model).final_norm is None:
         raise ValueError(f"forward_from runs decoders with an LM head; {model.config.model_type} has none")
     with _skipping(model, hp.layer + (hp.kind == "resid_post")), _hook(model, hp, lambda x: resid.to(x.dtype)):
-        return forward(model, input_ids, attention_mask)
+        return (final_hidden if hidden else forward)(model, input_ids, attention_mask)
 
 
 @torch.no_grad()
@@ -347,3 +367,25 @@ def run_with_patch(
         return forward(model, input_ids, attention_mask)
     with replace(model, hook, fn):
         return forward(model, input_ids, attention_mask)
+
+
+def prefix_point(hp: HookPoint) -> HookPoint:
+    """The residual-stream point a pass patched at hp can start from (`hidden_patched_from`): hp
+    itself for resid_pre / resid_post, else the input of hp's block."""
+    return hp if hp.kind in ("resid_pre", "resid_post") else HookPoint(hp.layer, "resid_pre")
+
+
+@torch.no_grad()
+def hidden_patched_from(model: nn.Module, hp: HookPoint, prefix: torch.Tensor,
+                        fn: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states [batch, seq, d] with the activation at hp replaced by fn(activation),
+    computed from `prefix` [batch, seq, d], the clean activation at prefix_point(hp): the blocks
+    below it do not run. Several patches of one batch thus share one run of the lower layers
+    (the core eval's spliced and ablated passes). Equals `final_hidden` under `replace(model, hp,
+    fn)` (tests/test_hooks.py)."""
+    base = prefix_point(hp)
+    if base == hp:
+        return forward_from(model, hp, fn(prefix), input_ids, attention_mask, hidden=True)
+    with replace(model, hp, fn):
+        return forward_from(model, base, prefix, input_ids, attention_mask, hidden=True)
