@@ -240,3 +240,16 @@ def test_kept_rows_drop_exactly_the_excluded_positions(tiny_loaded):
     assert full.ctx.numel() - listed.ctx.numel() == listed.counts["listed"]
     assert torch.equal(listed.rows(hp), full.full[hp][listed.ctx, listed.pos])
     assert full.counts["pad"] == len(ids) - 7
+
+
+def test_store_dtype_follows_the_model_by_default(tiny_model_dir, text_jsonl, tmp_path):
+    """A bfloat16 model writes bfloat16 rows unless told otherwise (half the bytes: what keeps a
+    many-hook harvest near the bare forward's speed); a float32 model's config is unchanged by
+    the 'auto' default (same hash, so its stores are still found)."""
+    assert HarvestConfig(dtype="bfloat16").store_dtype == "bfloat16"
+    assert HarvestConfig(dtype="bfloat16", store_dtype="float32").store_dtype == "float32"
+    assert HarvestConfig().hash() == HarvestConfig(store_dtype="float32").hash()
+    cfg = HarvestConfig(model=str(tiny_model_dir), hook="resid_post.1", text=str(text_jsonl), tokens=500,
+                        ctx_len=64, batch_size=8, dtype="bfloat16", out=str(tmp_path / "s"))
+    store = harvest(cfg, progress=False)
+    assert store.manifest["dtype"] == "bfloat16" and store.load_shard(0)["acts"].dtype == torch.bfloat16
