@@ -207,3 +207,41 @@ def test_ce_eval_memory_stays_bounded_with_a_huge_vocabulary(tmp_path, text_json
     peak = peak_memory_bytes(torch.device("cpu")) - base
     assert r["ce_tokens"] >= 2000 and r["ce_clean"] > 0
     assert peak < 1.5e9, f"CE eval peaked {peak / 1e9:.2f} GB above its start"
+
+
+def test_the_sae_independent_passes_are_cached_and_checked(trained, tiny_model_dir, tiny_loaded, text_jsonl, tmp_path,
+                                                           caplog):
+    """A second coder at the same hook reuses the clean and ablated passes (same numbers as
+    computing them); another text recomputes (its token ids differ); a damaged cache file is
+    refused by its checksum and recomputed."""
+    from saelab.evals.core import core_eval
+
+    sae, meta = load_sae(trained.checkpoint_dir)
+    cfg = CoreConfig(text=str(text_jsonl), tokens=1000, ce_tokens=600, ctx_len=64, batch_size=8)
+    hp = HookPoint(1, "resid_post")
+    fresh = core_eval(cfg, sae, tiny_loaded, hp, Positions(), "tiny", False)
+    first = core_eval(cfg, sae, tiny_loaded, hp, Positions(), "tiny", False, baseline_dir=tmp_path)
+    other = load_sae(trained.checkpoint_dir)[0]
+    with torch.no_grad():
+        other.W_dec.mul_(0.5)
+    second = core_eval(cfg, other, tiny_loaded, hp, Positions(), "tiny", False, baseline_dir=tmp_path)
+    second_fresh = core_eval(cfg, other, tiny_loaded, hp, Positions(), "tiny", False)
+    assert (fresh.ce_baseline, first.ce_baseline, second.ce_baseline) == ("uncached", "computed", "reused")
+    names = ("ce_clean", "ce_sae", "ce_zero", "ce_zero_all_positions", "ce_mean", "kl_to_clean")
+    assert all(getattr(first, k) == getattr(fresh, k) for k in names)
+    assert all(getattr(second, k) == pytest.approx(getattr(second_fresh, k), rel=1e-6) for k in names)
+    assert second.ce_sae != first.ce_sae
+    [cached] = tmp_path.glob("*.safetensors")
+    data = bytearray(cached.read_bytes())
+    data[-5] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    again = core_eval(cfg, other, tiny_loaded, hp, Positions(), "tiny", False, baseline_dir=tmp_path)
+    assert again.ce_baseline == "computed" and "not used" in caplog.text
+    assert again.ce_sae == pytest.approx(second_fresh.ce_sae, rel=1e-6)
+    shifted = cfg.model_copy(update={"seed": 1})  # other contexts: other key
+    assert core_eval(shifted, other, tiny_loaded, hp, Positions(), "tiny", False,
+                     baseline_dir=tmp_path).ce_baseline == "computed"
+    from saelab.evals.core import CEBaseline
+    stored = CEBaseline.load(cached, json.loads(cached.with_suffix(".json").read_text())["key"])
+    ids = stored.batches[0]["ids"]
+    assert stored.get(0, ids) is not None and stored.get(0, ids.flip(1)) is None  # same key, other tokens

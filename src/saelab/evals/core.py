@@ -17,12 +17,19 @@ directories (saelab.experiments.evaluate reads and writes those).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from saelab.activations.rows import kept_rows
@@ -40,12 +47,14 @@ from saelab.evals.metrics import (
     most_similar_decoder_pairs,
 )
 from saelab.hookpoints import HookPoint
+from saelab.io import atomic_write, read_json, sha256_file, write_json
 from saelab.models.hooks import final_hidden, hidden_patched_from, prefix_point, record, unembed
 from saelab.models.load import LoadedModel
 from saelab.runs.results import CoreResult
 from saelab.saes.base import SparseCoder
 
 DEFAULT_CTX_LEN = 128
+log = logging.getLogger(__name__)
 
 
 class CoreConfig(Config):
@@ -111,8 +120,9 @@ def validation_batches(cfg: CoreConfig, loaded: LoadedModel, positions: Position
 
 
 def core_eval(cfg: CoreConfig, sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, positions: Positions,
-              model_name: str, progress: bool = True) -> CoreResult:
-    """Every core metric for one SAE at one hook point of the model, on held-out text."""
+              model_name: str, progress: bool = True, baseline_dir: Path | None = None) -> CoreResult:
+    """Every core metric for one SAE at one hook point of the model, on held-out text.
+    baseline_dir: where the SAE-independent CE passes are cached (`CEBaseline`), or None."""
     device = loaded.device
     sae = sae.to(device).eval()
     check_fits(device, ce_bytes(cfg, loaded), f"the CE/KL eval at batch {cfg.batch_size} x "
@@ -125,13 +135,25 @@ def core_eval(cfg: CoreConfig, sae: SparseCoder, loaded: LoadedModel, hp: HookPo
     mean_act = torch.tensor(recon.pop("mean_activation"), device=device)
     excluded = recon.pop("excluded")
     t1 = time.perf_counter()
+    baseline, status = None, "uncached"
+    if baseline_dir is not None and cfg.ce_tokens * sae.cfg.d_in * 8 <= BASELINE_MAX_BYTES:
+        key = baseline_key(cfg, loaded, hp, positions, mean_act)
+        baseline = CEBaseline.load(Path(baseline_dir) / f"{key}.safetensors", key)
     ce = ce_metrics(sae, loaded, hp, validation_batches(cfg, loaded, positions), cfg.ce_tokens, progress,
-                    mean_act=mean_act, positions=positions)
+                    mean_act=mean_act, positions=positions, baseline=baseline)
+    if baseline is not None:
+        status = "computed" if baseline.changed else "reused"
+        if baseline.changed:
+            try:
+                baseline.save(Path(baseline_dir) / f"{baseline.key}.safetensors")
+            except OSError as e:  # a read-only cache costs speed, never the eval
+                log.warning("could not cache the CE baseline in %s: %s", baseline_dir, e)
     t2 = time.perf_counter()
     pairs = most_similar_decoder_pairs(sae.W_dec.detach().cpu(), cfg.similar_pairs)
     t3 = time.perf_counter()
     return CoreResult(
         model=model_name, hook=str(hp), text=cfg.text, split=cfg.split, seed=cfg.seed, **recon, **ce,
+        ce_baseline=status,
         positions={**positions.to_dict(), "excluded_in_reconstruction": excluded},
         similar_decoder_pairs=pairs, definitions=DEFINITIONS,
         wall_seconds={"reconstruction": round(t1 - t0, 2), "ce": round(t2 - t1, 2),
@@ -224,10 +246,83 @@ def scored_positions(batch: Batch, keep: torch.Tensor) -> torch.Tensor:
     return keep[:, :-1] & batch.attention_mask[:, 1:].to(keep.device).bool()
 
 
+BASELINE_VERSION = 1
+BASELINE_MAX_BYTES = 1 << 30  # larger baselines (ce_tokens x d x 8 bytes) are not cached
+
+
+@dataclass
+class CEBaseline:
+    """The SAE-independent part of the CE/KL eval of one model at one hook on one text: per batch
+    its token ids, the clean residual the patched passes start from, the clean final hidden
+    states at the scored positions and the zero-/mean-ablated CE sums. With it, evaluating
+    another coder at the same hook costs one patched pass per batch instead of five.
+
+    A batch is used only if its token ids equal the eval's own (so a changed text or tokenizer
+    recomputes it); the file carries a sha256 and a key over the model's weights and dtype, the
+    hook, the positions, the config and the mean activation; anything else is recomputed."""
+
+    key: str
+    batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    changed: bool = False
+    reused: int = 0
+
+    def get(self, i: int, ids: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        b = self.batches[i] if i < len(self.batches) else None
+        if b is not None and b["ids"].shape == ids.shape and torch.equal(b["ids"], ids.cpu()):
+            self.reused += 1
+            return b
+        return None
+
+    def put(self, i: int, entry: dict[str, torch.Tensor]) -> None:
+        del self.batches[i:]
+        self.batches.append({k: v.detach().cpu() for k, v in entry.items()})
+        self.changed = True
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> CEBaseline:
+        """The stored baseline at path if whole and made for `key`, else an empty one."""
+        meta = path.with_suffix(".json")
+        try:
+            m = read_json(meta)
+            if m.get("key") != key or m.get("version") != BASELINE_VERSION or sha256_file(path) != m["sha256"]:
+                raise ValueError("stale or damaged")
+            flat = load_file(path)
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            if path.exists():
+                log.warning("CE baseline %s not used (%s): recomputing it", path, e)
+            return cls(key)
+        batches = [{k: flat[f"{i}.{k}"] for k in BASELINE_FIELDS} for i in range(m["batches"])]
+        return cls(key, batches)
+
+    def save(self, path: Path) -> None:
+        """Atomically, the tensors first, then the sidecar with their checksum."""
+        flat = {f"{i}.{k}": v.contiguous() for i, b in enumerate(self.batches) for k, v in b.items()}
+        with atomic_write(path) as f:
+            f.write(save(flat))
+        write_json(path.with_suffix(".json"), {"key": self.key, "version": BASELINE_VERSION,
+                                               "batches": len(self.batches), "sha256": sha256_file(path)})
+
+
+BASELINE_FIELDS = ("ids", "prefix", "h_clean", "sums")
+
+
+def baseline_key(cfg: CoreConfig, loaded: LoadedModel, hp: HookPoint, positions: Positions,
+                 mean_act: torch.Tensor | None) -> str:
+    """What the SAE-independent passes depend on, hashed (the token ids are checked per batch)."""
+    m = loaded.model
+    parts = {"v": BASELINE_VERSION, "model": loaded.content_hash, "dtype": str(next(m.parameters()).dtype),
+             "device": loaded.device.type, "hook": str(hp), "positions": positions.to_dict(),
+             "config": cfg.model_dump(mode="json", include={"text", "text_field", "split", "ce_tokens", "ctx_len",
+                                                           "batch_size", "seed"}),
+             "mean": None if mean_act is None else hashlib.sha256(
+                 mean_act.detach().cpu().double().numpy().tobytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 @torch.no_grad()
 def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_tokens: int,
-               progress: bool, mean_act: torch.Tensor | None = None, positions: Positions = Positions()
-               ) -> dict[str, Any]:
+               progress: bool, mean_act: torch.Tensor | None = None, positions: Positions = Positions(),
+               baseline: CEBaseline | None = None) -> dict[str, Any]:
     """Clean, SAE-spliced, zero-ablated at the kept positions, zero-ablated at every position
     (the SAELens convention) and, given mean_act [d], mean-ablated next-token CE; and
     KL(clean || spliced). Averages over `scored_positions`.
@@ -236,7 +331,8 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
     (`prefix_point`); each patched pass starts from it, so the blocks below the hook run once,
     not five times. Passes return final hidden states, and CE / KL are computed from them in
     row chunks (`chunked_ce_kl`): no [batch, ctx, vocab] logits tensor is ever whole, so memory
-    beyond the model stays bounded for any vocabulary."""
+    beyond the model stays bounded for any vocabulary. Given a `baseline`, its batches replace
+    the clean and ablated passes where their token ids match, and the ones computed are put in it."""
     model = loaded.model
     if model.get_output_embeddings() is None:
         raise ValueError(f"the CE/KL eval needs a model with an LM head; {model.config.model_type} has none "
@@ -245,10 +341,11 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
     rows = ce_chunk_rows(model.get_output_embeddings().weight.shape[0])
     base = prefix_point(hp)
     device = loaded.device
+    ablations = ("zero", "zero_all", "mean") if mean_act is not None else ("zero", "zero_all")
     sums = dict.fromkeys(("clean", "sae", "zero", "zero_all", "mean", "kl"), 0.0)
     n = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="eval CE/KL", disable=not progress)
-    for batch in stream:
+    for i, batch in enumerate(stream):
         if n >= n_tokens:
             break
         keep, _ = keep_mask(batch, loaded.tokenizer, positions)
@@ -264,20 +361,29 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
                 return y
             return patch
 
-        patches = {"sae": splice(sae.reconstruct), "zero": splice(torch.zeros_like),
-                   "zero_all": torch.zeros_like}  # zero_all: every position, BOS included (SAELens)
-        if mean_act is not None:
-            patches["mean"] = splice(lambda x: mean_act.expand_as(x))
-        with record(model, [base]) as rec:
-            h_clean = final_hidden(model, ids, mask)[:, :-1][score]  # [tokens, d]
-        prefix = rec[base]  # [B, T, d] the clean residual the patched passes start from
-        sums["clean"] += float(chunked_ce_kl(h_clean, targets, head, chunk_rows=rows)[0].sum())
-        for k, fn in patches.items():
-            h = hidden_patched_from(model, hp, prefix, fn, ids, mask)[:, :-1][score]  # [tokens, d]
-            ce, kl = chunked_ce_kl(h, targets, head, h_clean if k == "sae" else None, rows)
-            sums[k] += float(ce.sum())
-            if kl is not None:
-                sums["kl"] += float(kl.sum())
+        cached = baseline.get(i, batch.input_ids) if baseline is not None else None
+        if cached is not None:
+            prefix, h_clean = cached["prefix"].to(device), cached["h_clean"].to(device)
+            ablated = dict(zip(ablations, cached["sums"].tolist(), strict=True))
+        else:
+            patches = {"zero": splice(torch.zeros_like), "zero_all": torch.zeros_like,  # zero_all: every position,
+                       "mean": splice(lambda x: mean_act.expand_as(x))}  # BOS included (SAELens)
+            with record(model, [base]) as rec:
+                h_clean = final_hidden(model, ids, mask)[:, :-1][score]  # [tokens, d]
+            prefix = rec[base]  # [B, T, d] the clean residual the patched passes start from
+            ablated = {k: float(chunked_ce_kl(hidden_patched_from(model, hp, prefix, patches[k], ids, mask)
+                                              [:, :-1][score], targets, head, chunk_rows=rows)[0].sum())
+                       for k in ablations}
+            if baseline is not None:
+                baseline.put(i, {"ids": batch.input_ids, "prefix": prefix, "h_clean": h_clean,
+                                 "sums": torch.tensor([ablated[k] for k in ablations], dtype=torch.float64)})
+        h = hidden_patched_from(model, hp, prefix, splice(sae.reconstruct), ids, mask)[:, :-1][score]
+        ce, ce_clean, kl = chunked_ce_kl(h, targets, head, h_clean, rows)  # [tokens] each
+        sums["sae"] += float(ce.sum())
+        sums["clean"] += float(ce_clean.sum())
+        sums["kl"] += float(kl.sum())
+        for k, v in ablated.items():
+            sums[k] += v
         n += targets.shape[0]
         bar.update(targets.shape[0])
     bar.close()

@@ -80,19 +80,24 @@ def ce_chunk_rows(vocab: int, chunk_elems: int = CE_CHUNK_ELEMS) -> int:
 
 def chunked_ce_kl(h: torch.Tensor, targets: torch.Tensor, unembed: Callable[[torch.Tensor], torch.Tensor],
                   h_ref: torch.Tensor | None = None, chunk_rows: int = 256
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token CE [n] of the logits unembed(h) against targets [n] and, given h_ref, per-token
-    KL(p_ref || p) [n], from final hidden states h, h_ref [n, d] rather than logits: the [n, vocab]
-    logits are made chunk_rows rows at a time and dropped, so memory stays bounded whatever the
-    vocabulary. Equal to token_ce / token_kl on the whole logits (the same row-wise operations)."""
-    ce, kl = [], []
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token CE [n] of the logits unembed(h) against targets [n] and, given h_ref, the
+    reference's own per-token CE [n] and KL(p_ref || p) [n], from final hidden states h, h_ref
+    [n, d] rather than logits: the [n, vocab] logits are made chunk_rows rows at a time and
+    dropped, so memory stays bounded whatever the vocabulary (each reference chunk serves both
+    its CE and the KL). Equal to token_ce / token_kl on the whole logits (the same row-wise
+    operations)."""
+    ce, ce_ref, kl = [], [], []
     for s in range(0, h.shape[0], chunk_rows):
         logits = unembed(h[s:s + chunk_rows])  # [chunk, vocab]
         ce.append(token_ce(logits, targets[s:s + chunk_rows]))
         if h_ref is not None:
-            kl.append(token_kl(unembed(h_ref[s:s + chunk_rows]), logits))
-    empty = h.new_zeros(0, dtype=torch.float32)
-    return (torch.cat(ce) if ce else empty), (None if h_ref is None else torch.cat(kl) if kl else empty)
+            ref = unembed(h_ref[s:s + chunk_rows])
+            ce_ref.append(token_ce(ref, targets[s:s + chunk_rows]))
+            kl.append(token_kl(ref, logits))
+    def cat(parts):
+        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    return cat(ce), (None if h_ref is None else cat(ce_ref)), (None if h_ref is None else cat(kl))
 
 
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:

@@ -22,7 +22,7 @@ from saelab.evals.core import DEFAULT_CTX_LEN, CoreConfig, core_eval
 from saelab.evals.probing import ProbingConfig, sparse_probing
 from saelab.experiments.control import ControlConfig, randomized_control
 from saelab.hookpoints import HookPoint
-from saelab.io import read_json, write_json
+from saelab.io import cache_dir, read_json, write_json
 from saelab.models.hooks import resolve
 from saelab.models.load import LoadedModel, load_model
 from saelab.runs.ledger import check_ledger, derived_id, record
@@ -110,7 +110,8 @@ def _compute(name: str, cfg: EvalConfig, o: OpenRun, progress: bool) -> Result:
     # contexts as long as the coder's own (its harvest's), unless asked otherwise
     cfg = cfg.model_copy(update={"ctx_len": cfg.ctx_len or o.meta.get("ctx_len") or DEFAULT_CTX_LEN})
     if name == "core":
-        return core_eval(cfg, o.sae, o.loaded, o.hp, o.positions, o.model_name, progress)
+        return core_eval(cfg, o.sae, o.loaded, o.hp, o.positions, o.model_name, progress,
+                         baseline_dir=cache_dir() / "eval-baselines")
     if name == "probing":
         return sparse_probing(cfg.probing, o.sae, o.loaded, o.hp, o.positions, progress, cfg.seed)
     if name == "absorption":

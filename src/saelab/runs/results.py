@@ -251,6 +251,7 @@ class CoreResult(Result):
     ce_loss_recovered_all_positions_zeroed: float
     ce_loss_recovered_mean_ablation: float | None = None
     kl_to_clean: float
+    ce_baseline: str | None = None  # the SAE-independent passes: "computed", "reused" (cache) or "uncached"
     positions: dict[str, Any]
     similar_decoder_pairs: list[dict[str, Any]]
     definitions: dict[str, str]
