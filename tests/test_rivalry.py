@@ -199,7 +199,26 @@ def test_geonames_questions_have_answers_and_popularity():
 # --- the stage, end to end on the tiny model --------------------------------------------------------------
 
 
-def test_rivalry_stage_end_to_end_on_the_tiny_model(tiny_sae_run, tmp_path):
+@pytest.fixture(scope="module")
+def two_untrained_saes(tiny_model_dir, text_jsonl, tmp_path_factory):
+    """Freshly initialised TopK SAEs at resid_post.0 and .2 of the tiny model, as run directories
+    (the stage only reads checkpoints; training one would cost the test most of its time)."""
+    from saelab.data.tokens import Positions
+    from saelab.saes.base import build_sae
+    from saelab.saes.config import SAEConfig
+
+    root = tmp_path_factory.mktemp("riv-saes")
+    runs = []
+    for layer in (0, 2):
+        sae = build_sae(SAEConfig(width=64, k=8, d_in=32), seed=layer)
+        meta = {"hook": f"resid_post.{layer}", "model": str(tiny_model_dir), "positions": Positions().to_dict(),
+                "ctx_len": 64, "text": str(text_jsonl)}
+        sae.save(root / f"l{layer}" / "checkpoint", meta)
+        runs.append(root / f"l{layer}")
+    return runs
+
+
+def test_rivalry_stage_end_to_end_on_the_tiny_model(two_untrained_saes, tmp_path):
     from saelab.cli import app
     from saelab.runs.ledger import Ledger
 
@@ -211,15 +230,16 @@ def test_rivalry_stage_end_to_end_on_the_tiny_model(tiny_sae_run, tmp_path):
                                 "answers": [words[(i + 1) % 8], "e"], "popularity": i + 1}) + "\n")
     ledger = tmp_path / "ledger.sqlite"
     out = tmp_path / "riv"
-    args = ["rivalry", "--sae", str(tiny_sae_run.path), "--questions", str(qfile), "--n-samples", "6",
+    args = ["rivalry", str(two_untrained_saes[1]), "--sae", str(two_untrained_saes[0]), "--questions", str(qfile), "--n-samples", "6",
             "--out", str(out), "--ledger", str(ledger),
             "--set", "max_new_tokens=3", "--set", "temperature=0.6", "--set", "n_perm=50", "--set", "bootstrap=60",
             "--set", "control_harvest_tokens=4096", "--set", "control_train_tokens=8192",
+            "--set", "control_batch_size=256",
             "--set", "steer_questions=4", "--set", "steer_samples=3", "--set", "min_per_condition=4"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     r = json.loads((out / "rivalry.json").read_text())
-    assert r["questions"]["n"] == 24 and len(r["layers"]) == 1
+    assert r["questions"]["n"] == 24 and [x["hook"] for x in r["layers"]] == ["resid_post.0", "resid_post.2"]
     lay = r["layers"][0]
     assert {"rivalry", "rivalry_matched", "perm", "perm_matched", "mann_whitney", "auroc_decoder", "hubs",
             "adjusted"} <= set(lay)

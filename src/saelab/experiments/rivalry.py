@@ -96,6 +96,8 @@ class RivalryConfig(StageConfig):
     control: bool = Field(True, description="train an SAE on a randomized copy of the model at the headline layer")
     control_harvest_tokens: int = Field(60_000, gt=0)
     control_train_tokens: int = Field(240_000, gt=0)
+    control_batch_size: int | None = Field(None, gt=0, description="the randomized model's SAE's batch (default: "
+                                           "the real run's own)")
     steer: bool = Field(True, description="steer along the rivalry direction vs a random one at the headline layer")
     steer_alphas: list[float] = Field(default_factory=lambda: [0.5], description="steering coefficients (x the "
                                       "residual RMS norm), each added and subtracted")
@@ -463,7 +465,8 @@ def _control(cfg: RivalryConfig, o, loaded, ids, amb, una, progress) -> dict[str
     """The same prompts and labels through an SAE trained on a randomized copy of the model."""
     ecfg = EvalConfig(run=str(o.run.path), model=cfg.model, device=cfg.device, ledger=cfg.ledger, dtype=cfg.dtype,
                       control=ControlConfig(harvest_tokens=cfg.control_harvest_tokens,
-                                            train_tokens=cfg.control_train_tokens, seed=cfg.seed))
+                                            train_tokens=cfg.control_train_tokens, seed=cfg.seed,
+                                            batch_size=cfg.control_batch_size))
     rand, rand_run, built = random_model_coder(ecfg, o.sae, o.meta, loaded, o.hp, o.positions, progress)
     rsae, _ = load_sae(rand_run.checkpoint_dir)
     rsae = rsae.to(rand.device).eval()
@@ -546,6 +549,13 @@ def _steer(cfg: RivalryConfig, o, loaded, qs, ids, z, amb, choose, report, progr
 # --- plots -------------------------------------------------------------------------------------------------
 
 
+def _yerr(values, cis) -> np.ndarray:
+    """Error bars [2, n] from values and (lo, hi) CIs, clipped at 0: a percentile CI of a percentile
+    need not contain the point estimate; NaN bars are left out."""
+    v, c = np.asarray(values, dtype=float), np.asarray(cis, dtype=float).reshape(-1, 2)
+    return np.nan_to_num(np.clip(np.stack([v - c[:, 0], c[:, 1] - v]), 0, None))
+
+
 def draw(r: RivalryResult, out: Path) -> dict[str, str]:
     """rivalry_depth.svg, hubs.svg, auroc.svg in out; returns name -> path."""
     plt = plots.plt
@@ -556,9 +566,7 @@ def draw(r: RivalryResult, out: Path) -> dict[str, str]:
         c = [x["rivalry"] for x in r.layers]
         v = [getattr(x, key) for x in c]
         ci = [getattr(x, f"{key}_ci95") for x in c]
-        axes[0].errorbar(L, v, yerr=[[m - lo for m, (lo, _) in zip(v, ci, strict=True)],
-                                     [hi - m for m, (_, hi) in zip(v, ci, strict=True)]],
-                         marker="o", capsize=2, color=color, label=side)
+        axes[0].errorbar(L, v, yerr=_yerr(v, ci), marker="o", capsize=2, color=color, label=side)
         axes[1].plot(L, [x["mean_r"][side] for x in r.layers], marker="o", color=color, label=side)
     axes[0].set(xlabel="layer", ylabel="rivalry (5th pct of pairwise r)", title="rivalry vs depth (95% CI)")
     axes[1].set(xlabel="layer", ylabel="mean pairwise r", title="mean correlation vs depth")
@@ -581,8 +589,7 @@ def draw(r: RivalryResult, out: Path) -> dict[str, str]:
     for key, color, label in (("auroc_decoder", "tab:green", "rivalry: decoder geometry"),
                               ("auroc_coactivation", "tab:orange", "rivalry: co-activation")):
         e = [x[key] for x in r.layers]
-        ax.errorbar(L, [x.mean for x in e], yerr=[[x.mean - x.ci95[0] for x in e], [x.ci95[1] - x.mean for x in e]],
-                    marker="o", capsize=2, color=color, label=label)
+        ax.errorbar(L, [x.mean for x in e], yerr=_yerr([x.mean for x in e], [x.ci95 for x in e]), marker="o", capsize=2, color=color, label=label)
     for key, style, label in (("auroc_max_softmax", "--", "max softmax"), ("auroc_entropy", ":", "answer entropy")):
         ax.axhline(r.baselines[key].mean, ls=style, color="black", label=f"{label} ({r.baselines[key].mean:.3f})")
     ax.axhline(0.5, color="gray", lw=0.8)
