@@ -57,6 +57,13 @@ def test_conditions_use_fixed_thresholds_or_fall_back_to_percentiles():
     assert s.unambiguous.sum() == 30 and s.ambiguous.sum() == 12
 
 
+def test_balance_cuts_the_larger_condition_to_the_smaller():
+    a, b = np.arange(20) < 5, np.arange(20) >= 8
+    ba, bb = rv.balance(a, b, seed=0)
+    assert ba.sum() == bb.sum() == 5 and np.array_equal(ba, a) and not (bb & ~b).any()
+    assert np.array_equal(rv.balance(a, b, seed=0)[1], bb)
+
+
 # --- rivalry on synthetic latents --------------------------------------------------------------------------
 
 
@@ -163,6 +170,24 @@ def test_permutation_test_holds_its_level_under_shuffled_labels():
     assert rv.permutation_test(z, labels, n_perm=199, seed=0, matched=True)["p"] < 0.01
     c = rv.bootstrap_rivalry(z, labels, n_boot=100, seed=0)
     assert c.diff < 0 and c.diff_ci95[1] < 0
+
+
+def test_shared_prefill_samples_the_same_tokens_as_repeated_prompts(tiny_loaded):
+    import torch
+
+    from saelab.intervene.steer import Sampling, sample, uniforms
+    from saelab.models.hooks import resolve
+
+    tok = tiny_loaded.tokenizer
+    prompts = [tok(f"Q: word {c}?", add_special_tokens=False)["input_ids"] for c in "abc"]  # equal lengths
+    u = torch.cat([uniforms(0, q, 4, 5) for q in range(3)])
+    s = Sampling(5, 1.0, 1.0, batch_size=8)
+    hp = resolve(tiny_loaded.model, "resid_post.0")
+    shared, ls = sample(tiny_loaded, hp, prompts, None, u, s, share=4)
+    plain, lp = sample(tiny_loaded, hp, [p for p in prompts for _ in range(4)], None, u, s)
+    assert torch.equal(shared, plain) and torch.equal(ls, lp)
+    with pytest.raises(ValueError, match="share"):
+        sample(tiny_loaded, hp, prompts, None, u[:5], s, share=4)
 
 
 # --- questions ------------------------------------------------------------------------------------------

@@ -128,6 +128,21 @@ def split_conditions(entropy: np.ndarray, high: float = 0.7, low: float = 0.5, m
                  "and above the first")
 
 
+def balance(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint masks cut to the same size (a seeded subsample of the larger): the 5th
+    percentile of correlations over fewer prompts is more extreme, so conditions of different sizes
+    would differ in rivalry for that reason alone (the reference used equal n_per_condition)."""
+    a, b = np.asarray(a, dtype=bool).copy(), np.asarray(b, dtype=bool).copy()
+    n = min(a.sum(), b.sum())
+    rng = np.random.default_rng(seed)
+    for m in (a, b):
+        idx = np.flatnonzero(m)
+        if idx.size > n:
+            m[:] = False
+            m[rng.choice(idx, n, replace=False)] = True
+    return a, b
+
+
 # --- rivalry of a condition ------------------------------------------------------------------------------
 
 

@@ -81,7 +81,8 @@ class RivalryConfig(StageConfig):
     n_samples: int = Field(20, ge=2, description="sampled answers per question (entropy)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass (1: plain sampling at T)")
-    max_new_tokens: int = Field(8, gt=0, description="tokens per answer")
+    max_new_tokens: int = Field(10, gt=0, description="tokens per sampled answer (entropy, steering)")
+    greedy_max_new_tokens: int = Field(16, gt=0, description="tokens of the greedy answer (correctness)")
     batch_size: int = Field(64, gt=0, description="sequences per generation / forward batch")
     entropy_high: float = Field(0.7, description="ambiguous: entropy above this")
     entropy_low: float = Field(0.5, description="unambiguous: entropy below this")
@@ -204,7 +205,8 @@ def sample_answers(cfg: RivalryConfig, loaded, prompts: list[str], ids: list[lis
     probability; read from / appended to <out>/samples.jsonl (resumable)."""
     path = out / "samples.jsonl"
     asked = {"model": model_key, "dtype": cfg.dtype, "n": cfg.n_samples, "T": cfg.temperature, "top_p": cfg.top_p,
-             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+             "max_new_tokens": cfg.max_new_tokens, "greedy_max_new_tokens": cfg.greedy_max_new_tokens,
+             "seed": cfg.seed}
     keys = [stable_hash({**asked, "prompt": p, "index": i}) for i, p in enumerate(prompts)]
     have: dict[str, dict] = {}
     if path.is_file():
@@ -216,20 +218,19 @@ def sample_answers(cfg: RivalryConfig, loaded, prompts: list[str], ids: list[lis
             have[d["key"]] = d
     todo = [i for i, k in enumerate(keys) if k not in have]
     n = cfg.n_samples
-    group = max(1, (4 * cfg.batch_size) // (n + 1))
+    group = max(1, (4 * cfg.batch_size) // n)
     s_samp = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
-    s_greedy = Sampling(cfg.max_new_tokens, 0.0, 1.0, cfg.batch_size)
+    s_greedy = Sampling(cfg.greedy_max_new_tokens, 0.0, 1.0, cfg.batch_size)
     bar = tqdm(total=len(todo), desc="sample answers", disable=not progress, leave=False)
     out.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for g in range(0, len(todo), group):
             qs = todo[g:g + group]
-            rows = [ids[q] for q in qs for _ in range(n)]
-            u = torch.cat([uniforms(cfg.seed, q, n, cfg.max_new_tokens) for q in qs])
-            tok, lens = sample(loaded, hp, rows, None, u, s_samp)
-            texts = decode(loaded, tok, lens)
             gids = [ids[q] for q in qs]
-            gtok, glens = sample(loaded, hp, gids, None, torch.zeros(len(qs), cfg.max_new_tokens), s_greedy)
+            u = torch.cat([uniforms(cfg.seed, q, n, cfg.max_new_tokens) for q in qs])
+            tok, lens = sample(loaded, hp, gids, None, u, s_samp, share=n)  # one prefill per question
+            texts = decode(loaded, tok, lens)
+            gtok, glens = sample(loaded, hp, gids, None, torch.zeros(len(qs), cfg.greedy_max_new_tokens), s_greedy)
             greedy = decode(loaded, gtok, glens)
             for j, q in enumerate(qs):
                 d = {"key": keys[q], "index": q, "samples": texts[j * n:(j + 1) * n], "greedy": greedy[j]}
@@ -344,7 +345,7 @@ def run_rivalry(cfg: RivalryConfig, progress: bool = True) -> RivalryResult:
                            for s, q in zip(samples, qs, strict=True)])
     split = rv.split_conditions(entropy, cfg.entropy_high, cfg.entropy_low, cfg.min_per_condition,
                                 cfg.percentile_fraction)
-    amb, una = split.ambiguous, split.unambiguous
+    amb, una = rv.balance(split.ambiguous, split.unambiguous, cfg.seed)
     if min(amb.sum(), una.sum()) < 3:
         raise ValueError(f"too few questions per condition ({int(amb.sum())} ambiguous, {int(una.sum())} "
                          "unambiguous); ask more questions")
@@ -361,8 +362,9 @@ def run_rivalry(cfg: RivalryConfig, progress: bool = True) -> RivalryResult:
         unit = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
         lay = _layer_stats(cfg, f"L{o.hp.layer:02d}", Z[o.hp], amb, una, correct, conf, unit, cfg.seed)
         lay |= {"hook": str(o.hp), "layer": o.hp.layer, "run": str(o.run.path)}
-        lay["choose_gap"] = float(rv.rivalry(Z[o.hp][choose & una], None, cfg.max_latents, cfg.seed).score
-                                  - rv.rivalry(Z[o.hp][choose & amb], None, cfg.max_latents, cfg.seed).score)
+        ca, cu = rv.balance(choose & split.ambiguous, choose & split.unambiguous, cfg.seed)
+        lay["choose_gap"] = float(rv.rivalry(Z[o.hp][cu], None, cfg.max_latents, cfg.seed).score
+                                  - rv.rivalry(Z[o.hp][ca], None, cfg.max_latents, cfg.seed).score)
         pairs, hubs = rv.hub_latents(lay["_amb_rivalry"], cfg.hub_pairs, cfg.hubs)
         lens = logit_lens(loaded.model, o.sae.W_dec.detach()[[h["latent"] for h in hubs]], k=5) if hubs else None
         expl = _explanations(o.run.path)
@@ -414,7 +416,8 @@ def run_rivalry(cfg: RivalryConfig, progress: bool = True) -> RivalryResult:
             f.write(json.dumps({"question": q.question, "kind": q.kind, "answers": q.answers[:3],
                                 "popularity": q.popularity, "greedy": s["greedy"], "correct": bool(correct[i]),
                                 "sample_accuracy": float(sample_acc[i]), "entropy": float(entropy[i]),
-                                "condition": "ambiguous" if amb[i] else "unambiguous" if una[i] else "neither",
+                                "condition": "ambiguous" if split.ambiguous[i] else "unambiguous" if split.unambiguous[i]
+                                else "neither", "in_balanced_set": bool(amb[i] or una[i]),
                                 "half": "choose" if choose[i] else "report", "max_softmax": float(conf[i]),
                                 **{f"decoder_{x['name']}": float(x["_scores"]["decoder"][i]) for x in layers}}) + "\n")
     clean = [{k: v for k, v in x.items() if not k.startswith("_")} for x in layers]
@@ -435,10 +438,14 @@ def run_rivalry(cfg: RivalryConfig, progress: bool = True) -> RivalryResult:
                   "method": "inverse-CDF from per-(question, sample) seeded uniforms, KV cache; greedy answer "
                             "separately", "cache": str(out / "samples.jsonl")},
         conditions={"method": split.method, "high": split.high, "low": split.low, "n_ambiguous": int(amb.sum()),
-                    "n_unambiguous": int(una.sum()), "n_neither": int((~amb & ~una).sum()),
+                    "n_unambiguous": int(una.sum()), "before_balancing": {
+                        "ambiguous": int(split.ambiguous.sum()), "unambiguous": int(split.unambiguous.sum())},
+                    "balancing": "the larger condition cut to the smaller's size (seeded) for every rivalry statistic",
+                    "n_neither": int((~split.ambiguous & ~split.unambiguous).sum()),
                     "entropy_quantiles": {str(q): float(np.quantile(entropy, q)) for q in (0, .25, .5, .75, 1)},
                     "fraction_entropy_zero": float((entropy == 0).mean()),
-                    "accuracy": {"ambiguous": float(correct[amb].mean()), "unambiguous": float(correct[una].mean())}},
+                    "accuracy": {"ambiguous": float(correct[split.ambiguous].mean()),
+                                 "unambiguous": float(correct[split.unambiguous].mean())}},
         baselines={"auroc_entropy": rv.auroc_ci(correct, -entropy, cfg.bootstrap, cfg.seed),
                    "auroc_max_softmax": rv.auroc_ci(correct, conf, cfg.bootstrap, cfg.seed),
                    "auroc_entropy_report": rv.auroc_ci(correct[report], -entropy[report], cfg.bootstrap, cfg.seed),
