@@ -51,6 +51,7 @@ from saelab.intervene.lens import logit_lens
 from saelab.intervene.steer import (
     Sampling,
     _left_padded,
+    continuation_nll,
     decode,
     prompt_ids,
     random_direction,
@@ -177,7 +178,9 @@ DEFINITIONS = {
                      "(exp3_uncertainty.py); AUROC uses its negation (less rivalry -> correct)",
     "coactivation_score": "per prompt: 5th percentile of the Pearson r (over all questions' prompts) among its "
                           "top-k active latents; AUROC uses its negation",
-    "baselines": "answer entropy (negated) and the max softmax probability of the greedy answer's first token",
+    "baselines": "answer entropy (negated), the max softmax probability of the greedy answer's first token (the "
+                 "reference's), and the sequence confidence: minus the mean per-token NLL of the greedy answer "
+                 "(re-tokenised) under the model",
     "headline_layer": "chosen on the choose half by the reference's criterion (max unambiguous - ambiguous rivalry); "
                       "the primary comparison is on the report half",
     "steering": "x + alpha * s * d / ||d|| at the hook at the last prompt position and every new token; s = the "
@@ -267,6 +270,20 @@ def last_token(loaded, opened, ids: list[list[int]], batch_size: int) -> tuple[d
 # --- the stage -----------------------------------------------------------------------------------------------
 
 
+def greedy_nll(loaded, ids: list[list[int]], answers: list[str], batch_size: int) -> np.ndarray:
+    """Mean per-token NLL of each greedy answer (re-tokenised; an empty one counts as end-of-text)
+    given its prompt, under the model: a sequence-level confidence baseline."""
+    tok = loaded.tokenizer
+    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+    cont = [tok(a, add_special_tokens=False)["input_ids"] or [eos] for a in answers]
+    L = max(len(c) for c in cont)
+    tokens = torch.full((len(cont), L), tok.pad_token_id or 0, dtype=torch.long)
+    for r, c in enumerate(cont):
+        tokens[r, :len(c)] = torch.tensor(c)
+    lengths = torch.tensor([len(c) for c in cont])
+    return continuation_nll(loaded, ids, tokens, lengths, batch_size).numpy()
+
+
 def _open(cfg: RivalryConfig):
     opened, loaded = [], None
     for run in cfg.runs:
@@ -350,6 +367,7 @@ def run_rivalry(cfg: RivalryConfig, progress: bool = True) -> RivalryResult:
         raise ValueError(f"too few questions per condition ({int(amb.sum())} ambiguous, {int(una.sum())} "
                          "unambiguous); ask more questions")
     Z, conf = last_token(loaded, opened, ids, cfg.batch_size)
+    seq_conf = -greedy_nll(loaded, ids, [s["greedy"] for s in samples], cfg.batch_size)
     t2 = time.perf_counter()
     # halves: the headline layer is chosen on one and reported on the other
     perm = np.random.default_rng(cfg.seed).permutation(len(qs))
@@ -393,6 +411,9 @@ def run_rivalry(cfg: RivalryConfig, progress: bool = True) -> RivalryResult:
         "coactivation_vs_softmax_auroc": rv.compare_auroc(
             correct[report], -head["_scores"]["coactivation"][report], conf[report], cfg.bootstrap, cfg.seed,
             sides.replace("-decoder", "-co-activation")),
+        "rivalry_vs_sequence_confidence_auroc": rv.compare_auroc(
+            correct[report], -dec[report], seq_conf[report], cfg.bootstrap, cfg.seed,
+            sides.replace("max softmax probability", "-mean NLL of the greedy answer")),
         "rivalry_vs_entropy_auroc": rv.compare_auroc(
             correct[report], -dec[report], -entropy[report], cfg.bootstrap, cfg.seed,
             sides.replace("max softmax probability", "-answer entropy")),
@@ -419,6 +440,7 @@ def run_rivalry(cfg: RivalryConfig, progress: bool = True) -> RivalryResult:
                                 "condition": "ambiguous" if split.ambiguous[i] else "unambiguous" if split.unambiguous[i]
                                 else "neither", "in_balanced_set": bool(amb[i] or una[i]),
                                 "half": "choose" if choose[i] else "report", "max_softmax": float(conf[i]),
+                                "greedy_mean_nll": float(-seq_conf[i]),
                                 **{f"decoder_{x['name']}": float(x["_scores"]["decoder"][i]) for x in layers}}) + "\n")
     clean = [{k: v for k, v in x.items() if not k.startswith("_")} for x in layers]
     pop = np.array([q.popularity if q.popularity is not None else np.nan for q in qs])
@@ -448,6 +470,9 @@ def run_rivalry(cfg: RivalryConfig, progress: bool = True) -> RivalryResult:
                                  "unambiguous": float(correct[split.unambiguous].mean())}},
         baselines={"auroc_entropy": rv.auroc_ci(correct, -entropy, cfg.bootstrap, cfg.seed),
                    "auroc_max_softmax": rv.auroc_ci(correct, conf, cfg.bootstrap, cfg.seed),
+                   "auroc_sequence_confidence": rv.auroc_ci(correct, seq_conf, cfg.bootstrap, cfg.seed),
+                   "auroc_sequence_confidence_report": rv.auroc_ci(correct[report], seq_conf[report], cfg.bootstrap,
+                                                                   cfg.seed),
                    "auroc_entropy_report": rv.auroc_ci(correct[report], -entropy[report], cfg.bootstrap, cfg.seed),
                    "auroc_max_softmax_report": rv.auroc_ci(correct[report], conf[report], cfg.bootstrap, cfg.seed)},
         layers=clean, corrections=corrections, headline_layer=head_info, primary_comparison=primary,
@@ -597,7 +622,10 @@ def draw(r: RivalryResult, out: Path) -> dict[str, str]:
                               ("auroc_coactivation", "tab:orange", "rivalry: co-activation")):
         e = [x[key] for x in r.layers]
         ax.errorbar(L, [x.mean for x in e], yerr=_yerr([x.mean for x in e], [x.ci95 for x in e]), marker="o", capsize=2, color=color, label=label)
-    for key, style, label in (("auroc_max_softmax", "--", "max softmax"), ("auroc_entropy", ":", "answer entropy")):
+    for key, style, label in (("auroc_max_softmax", "--", "max softmax"), ("auroc_entropy", ":", "answer entropy"),
+                              ("auroc_sequence_confidence", "-.", "greedy answer NLL")):
+        if key not in r.baselines:
+            continue
         ax.axhline(r.baselines[key].mean, ls=style, color="black", label=f"{label} ({r.baselines[key].mean:.3f})")
     ax.axhline(0.5, color="gray", lw=0.8)
     ax.set(xlabel="layer", ylabel="AUROC (greedy answer correct)", title="correctness prediction per layer (95% CI)")
