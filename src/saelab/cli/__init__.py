@@ -8,6 +8,7 @@ text is the config fields' descriptions. `saelab config STAGE` prints a stage's 
 from __future__ import annotations
 
 import sys
+import typing
 
 import typer
 
@@ -47,7 +48,8 @@ def config_cmd(stage: str = typer.Argument(..., help=f"one of: {', '.join(STAGES
         typer.echo(f"error: unknown stage {stage!r}; stages: {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
     cls = STAGES[stage]
-    required = {n: "<required>" for n, f in cls.model_fields.items() if f.is_required()}
+    required = {n: ["<required>"] if typing.get_origin(f.annotation) is list else "<required>"
+                for n, f in cls.model_fields.items() if f.is_required()}
     typer.echo(cls.model_construct(**required).to_yaml().rstrip())
 
 
