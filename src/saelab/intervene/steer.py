@@ -367,23 +367,30 @@ def _left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tens
 
 @torch.no_grad()
 def sample(loaded: LoadedModel, hp: HookPoint, prompts: list[list[int]], vectors: torch.Tensor | None,
-           u: torch.Tensor, sampling: Sampling, steer_positions: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+           u: torch.Tensor, sampling: Sampling, steer_positions: str = "all",
+           share: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Continuations: tokens [R, max_new_tokens] (pad after the end) and lengths [R] (tokens up to and
     including the first end-of-text). Row r continues prompts[r] (left-padded in its batch), adds
     vectors[r] ([R, d]; None: no hook at all) at the hook and draws with uniforms u[r] ([R, steps]);
-    rows run `sampling.batch_size` at a time, with a KV cache."""
+    rows run `sampling.batch_size` at a time, with a KV cache. share > 1 (unsteered only): row r
+    continues prompts[r // share], each prompt prefilled once and its cache repeated for its
+    `share` rows (the same tokens as repeating the prompt, without the repeated prefill)."""
     model, tok = loaded.model, loaded.tokenizer
     device = loaded.device
     R, steps = u.shape[0], sampling.max_new_tokens
+    if share > 1 and (vectors is not None or R != share * len(prompts)):
+        raise ValueError(f"share={share} needs no steering vectors and {share} rows per prompt (got {R} rows for "
+                         f"{len(prompts)} prompts)")
     eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     cache_kw = _cache_kwarg(model)
     out_tokens = torch.full((R, steps), pad, dtype=torch.long)
     lengths = torch.full((R,), steps, dtype=torch.long)
-    for s in range(0, R, sampling.batch_size):
-        rows = slice(s, min(R, s + sampling.batch_size))
-        ids, mask = _left_padded(prompts[rows], pad, device)
-        B, T = ids.shape
+    chunk = max(1, sampling.batch_size // share) * share
+    for s in range(0, R, chunk):
+        rows = slice(s, min(R, s + chunk))
+        ids, mask = _left_padded(prompts[s // share:rows.stop // share] if share > 1 else prompts[rows], pad, device)
+        B, T = rows.stop - rows.start, ids.shape[1]
         vec = None if vectors is None else vectors[rows].to(device)[:, None, :]  # [B, 1, d]
         prefill_mask = None
         if steer_positions == "generated":
@@ -402,10 +409,14 @@ def sample(loaded: LoadedModel, hp: HookPoint, prompts: list[list[int]], vectors
 
         out = step(ids, mask, pos, prefill_mask)
         cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+        logits = out.logits[:, -1]
+        if share > 1:  # each prompt's prefill serves its `share` rows
+            cache.batch_repeat_interleave(share)
+            logits, mask, pos = (x.repeat_interleave(share, dim=0) for x in (logits, mask, pos))
         done = torch.zeros(B, dtype=torch.bool, device=device)
         ub, last = u[rows], pos[:, -1:]
         for t in range(steps):
-            nxt = pick(out.logits[:, -1].float(), ub[:, t], sampling.temperature, sampling.top_p)
+            nxt = pick(logits.float(), ub[:, t], sampling.temperature, sampling.top_p)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out_tokens[rows, t] = nxt.cpu()
             if eos is not None:
@@ -416,6 +427,7 @@ def sample(loaded: LoadedModel, hp: HookPoint, prompts: list[list[int]], vectors
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             out = step(nxt[:, None], mask, last + t + 1, None, cache)
+            logits = out.logits[:, -1]
     return out_tokens, lengths
 
 
