@@ -198,3 +198,53 @@ class BatchTopKEncode(torch.autograd.Function):
 def batch_topk_encode(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return BatchTopKEncode.apply(x_c, W_enc, b_enc, k, dtype)
+
+
+# --- sparse training paths for threshold coders (ReLU, JumpReLU, Gated, p-annealing) ----------
+#
+# Their activations are not k-sparse by construction, but once trained they are sparse (L0 << width).
+# The encoder's dense forward matmul stays; everything after it runs on the entries that carry a
+# value or a gradient (`entries`, chosen per architecture), listed row-sorted: the values are read
+# from the dense pre-activations, the decoder is an embedding_bag over those entries both ways, and
+# the encoder backward is the same segment sum / embedding_bag as TopK's (`PreAt`).
+
+SPARSE_MAX_DENSITY = 0.05  # entries / (batch * width) up to which the sparse path runs; see docs/benchmarks.md
+
+
+def entries(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-sorted (rows [nnz], cols [nnz], offsets [B]) of the True entries of mask [B, m]."""
+    flat = mask.view(-1).nonzero().squeeze(1)
+    m = mask.shape[1]
+    rows, cols = flat // m, flat % m
+    return rows, cols, row_offsets(rows, mask.shape[0])
+
+
+class PreAt(torch.autograd.Function):
+    """(x [B, d_in], W_enc [d_in, m], b [m] or None, pre [B, m] detached = x W_enc (+ b), rows, cols,
+    offsets) -> pre at the entries [nnz], differentiable in x, W_enc and b as if pre had been
+    computed with autograd and indexed; the backward touches only the entries."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b, pre, rows, cols, offsets):
+        ctx.save_for_backward(x, W_enc.t().contiguous(), rows, cols, offsets)
+        ctx.has_bias = b is not None
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W_enc_t, rows, cols, offsets = ctx.saved_tensors
+        g_x, g_W, g_b = encoder_grads(ctx, x, W_enc_t, rows, cols, offsets, g.contiguous())
+        return g_x, g_W, g_b if ctx.has_bias else None, None, None, None, None
+
+
+def pre_at(x: torch.Tensor, W_enc: torch.Tensor, b: torch.Tensor | None, pre: torch.Tensor, rows: torch.Tensor,
+           cols: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return PreAt.apply(x, W_enc, b, pre, rows, cols, offsets)
+
+
+def dense_pre(x: torch.Tensor, W_enc: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x W_enc (+ b) [B, m] without autograd, float32 (the one dense matmul of a sparse step)."""
+    with torch.no_grad():
+        if b is None:
+            return x @ W_enc
+        return encoder_pre(x, W_enc.t(), b, x.dtype)
