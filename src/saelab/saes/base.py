@@ -23,7 +23,7 @@ from torch import nn
 
 from saelab.io import atomic_write, read_json, write_json
 from saelab.saes.config import SAEConfig
-from saelab.saes.sparse_ops import SPARSE_MAX_DENSITY
+from saelab.saes.sparse_ops import SPARSE_MAX_DENSITY, select_dtype, threshold_entries
 
 FORMAT = "saelab.sae/1"
 
@@ -109,11 +109,16 @@ class SparseCoder(nn.Module):
         """Whether this training step attempts the sparse path (the last batch was sparse enough)."""
         return self.density <= self.sparse_max_density
 
-    def keep_sparse(self, nnz: int, batch: int) -> bool:
-        """Record this batch's density (nnz entries of batch x width); whether to stay sparse."""
-        self.density = nnz / max(1, batch * self.cfg.width)
-        self.last_path = "sparse" if self.density <= self.sparse_max_density else "dense"
-        return self.last_path == "sparse"
+    def sparse_entries(self, x_c: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor):
+        """(Entries, float32 values) where x_c W_enc (+ b) > t [width], recording the density; None
+        when the batch is too dense for the sparse path (the caller then runs the dense one)."""
+        dtype = select_dtype(self.cfg.topk_select_dtype, x_c.device)
+        got = threshold_entries(x_c, self.W_enc, b, t, dtype, self.sparse_max_density)
+        if isinstance(got, float):
+            self.density, self.last_path = got, "dense"
+            return None
+        self.density, self.last_path = got[0].nnz / max(1, x_c.shape[0] * self.cfg.width), "sparse"
+        return got
 
     def note_dense(self, nnz: int | torch.Tensor, batch: int) -> None:
         """Record the density a dense step measured (so a later step can go sparse)."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
 from saelab.saes.config import SAEConfig
-from saelab.saes.sparse_ops import dense_pre, entries, pre_at, ragged_decode
+from saelab.saes.sparse_ops import entry_decode, pre_at, take
 
 DEFAULT_L1 = 1.0  # for inputs normalised to E||x||^2 = d
 
@@ -54,20 +54,17 @@ class GatedSAE(SparseCoder):
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the open gates only; None (after measuring) when too dense."""
         x_c = self.centered(x)
-        s = dense_pre(x_c, self.W_enc, None)  # x_c W_enc, shared by both paths
-        with torch.no_grad():
-            mask = s > -self.b_enc  # pi_gate > 0
-        if not self.keep_sparse(int(mask.sum()), x.shape[0]):
+        # x_c W_enc, shared by both paths, where pi_gate = x_c W_enc + b_enc > 0
+        if (got := self.sparse_entries(x_c, None, -self.b_enc.detach())) is None:
             return None
-        B = x.shape[0]
-        rows, cols, offsets = entries(mask)
-        s_e = pre_at(x_c, self.W_enc, None, s, rows, cols, offsets)
-        gate_act = F.relu(s_e + self.b_enc[cols])  # ReLU(pi_gate) on G
-        z = F.relu(s_e * self.r_mag.exp()[cols] + self.b_mag[cols])  # ReLU(pi_mag), gate open
-        y_hat = ragged_decode(rows, cols, z, self.W_dec, B) + self.b_dec + self.skip_out(x)
-        l1 = (gate_act * self.W_dec.norm(dim=1)[cols]).sum() / ctx.n_tokens
-        y_gate = ragged_decode(rows, cols, gate_act, self.W_dec.detach(), B) + self.b_dec.detach() + self.skip_out(x)
-        return self._loss(x, y, y_hat, y_gate, l1, cols[z.detach() > 0], ctx)
+        ent, vals = got
+        s_e = pre_at(x_c, self.W_enc, None, vals, ent)
+        gate_act = F.relu(s_e + take(self.b_enc, ent))  # ReLU(pi_gate) on G
+        z = F.relu(s_e * take(self.r_mag.exp(), ent) + take(self.b_mag, ent))  # ReLU(pi_mag), gate open
+        y_hat = entry_decode(z, self.W_dec, ent) + self.b_dec + self.skip_out(x)
+        l1 = (gate_act * take(self.W_dec.norm(dim=1), ent)).sum() / ctx.n_tokens
+        y_gate = entry_decode(gate_act, self.W_dec.detach(), ent) + self.b_dec.detach() + self.skip_out(x)
+        return self._loss(x, y, y_hat, y_gate, l1, ent.cols[z.detach() > 0], ctx)
 
     def forward_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
         """The reference path: dense [batch, width] gate and magnitude pre-activations."""

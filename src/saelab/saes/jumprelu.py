@@ -24,7 +24,7 @@ import torch
 
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
 from saelab.saes.config import SAEConfig
-from saelab.saes.sparse_ops import dense_pre, entries, pre_at, ragged_decode
+from saelab.saes.sparse_ops import entry_decode, pre_at, take
 
 DEFAULT_L0_COEF = 0.1  # for inputs normalised to E||x||^2 = d
 
@@ -89,19 +89,17 @@ class JumpReluSAE(SparseCoder):
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the active and in-band entries; None (after measuring) when too dense."""
         x_c = self.centered(x)
-        pre = dense_pre(x_c, self.W_enc, self.b_enc)
         eps = self.cfg.bandwidth
-        with torch.no_grad():
-            mask = pre > self.threshold - eps / 2  # active or within the band
-        if not self.keep_sparse(int(mask.sum()), x.shape[0]):
+        # active or within the band: pre > theta - eps / 2
+        if (got := self.sparse_entries(x_c, self.b_enc, (self.threshold - eps / 2).detach())) is None:
             return None
-        rows, cols, offsets = entries(mask)
-        pre_e = pre_at(x_c, self.W_enc, self.b_enc, pre, rows, cols, offsets)
-        theta = self.threshold[cols]
+        ent, vals = got
+        pre_e = pre_at(x_c, self.W_enc, self.b_enc, vals, ent)
+        theta = take(self.threshold, ent)
         z = _JumpReLU.apply(pre_e, theta, eps)
-        y_hat = ragged_decode(rows, cols, z, self.W_dec, x.shape[0]) + self.b_dec + self.skip_out(x)
+        y_hat = entry_decode(z, self.W_dec, ent) + self.b_dec + self.skip_out(x)
         l0 = _Step.apply(pre_e, theta, eps).sum() / ctx.n_tokens
-        return self._loss(x, y, y_hat, l0, cols[pre_e.detach() > theta.detach()], ctx)
+        return self._loss(x, y, y_hat, l0, ent.cols[pre_e.detach() > theta.detach()], ctx)
 
     def forward_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
         """The reference path: dense [batch, width] pre-activations."""

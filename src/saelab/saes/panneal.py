@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
 from saelab.saes.config import SAEConfig
-from saelab.saes.sparse_ops import dense_pre, entries, pre_at, ragged_decode
+from saelab.saes.sparse_ops import entry_decode, pre_at
 
 DEFAULT_COEF = 5.0
 ANNEAL_START, ANNEAL_END, ANNEAL_STEPS = 0.2, 0.9, 10
@@ -64,15 +64,13 @@ class PAnnealSAE(SparseCoder):
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the active entries only; None (after measuring) when the batch is too dense."""
         x_c = self.centered(x)
-        pre = dense_pre(x_c, self.W_enc, self.b_enc)
-        mask = pre > 0
-        if not self.keep_sparse(int(mask.sum()), x.shape[0]):
+        if (got := self.sparse_entries(x_c, self.b_enc, torch.zeros_like(self.b_enc.detach()))) is None:
             return None
-        rows, cols, offsets = entries(mask)
-        z = pre_at(x_c, self.W_enc, self.b_enc, pre, rows, cols, offsets)  # [nnz], all > 0
+        ent, vals = got
+        z = pre_at(x_c, self.W_enc, self.b_enc, vals, ent)  # [nnz], all > 0
         self.anneal(z, ctx)
-        y_hat = ragged_decode(rows, cols, z, self.W_dec, x.shape[0]) + self.b_dec + self.skip_out(x)
-        return self._loss(x, y, y_hat, (z + 1e-12).pow(float(self.p)).sum() / ctx.n_tokens, cols, ctx)
+        y_hat = entry_decode(z, self.W_dec, ent) + self.b_dec + self.skip_out(x)
+        return self._loss(x, y, y_hat, (z + 1e-12).pow(float(self.p)).sum() / ctx.n_tokens, ent.cols, ctx)
 
     def forward_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
         """The reference path: dense [batch, width] activations."""
