@@ -6,7 +6,10 @@ run; libraries are interleaved over repeats and medians are reported. Reports to
 FVU on held-out rows after the same number of tokens, achieved GFLOP/s (counting only the
 irreducible dense encoder forward, 2 d m FLOPs per token) and the measured float32 matmul
 GFLOP/s of the same shape (the limit; and the bf16 one, the limit where the selection runs in
-bf16), plus every saelab architecture's tokens/s.
+bf16), plus every saelab architecture's tokens/s and its ratio to TopK. The threshold coders
+(relu, jumprelu, gated, panneal) start calibrated to a sparse regime (--arch-density) and run beside
+saelab's dense reference path and their reference trainer (SAELens; dictionary_learning for
+p-annealing, which must be importable, e.g. via PYTHONPATH) from the same weights (--arch-refs).
 
 Needs a venv with saelab, eai-sparsify and sae-lens (torch==2.13.0 pinned):
   python3 -m venv .bench && .bench/bin/pip install torch==2.13.0 -e . eai-sparsify sae-lens
