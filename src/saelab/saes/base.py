@@ -23,6 +23,7 @@ from torch import nn
 
 from saelab.io import atomic_write, read_json, write_json
 from saelab.saes.config import SAEConfig
+from saelab.saes.sparse_ops import SPARSE_MAX_DENSITY, select_dtype, threshold_entries
 
 FORMAT = "saelab.sae/1"
 
@@ -53,6 +54,11 @@ class SparseCoder(nn.Module):
     """encode / decode / loss; decoder rows are latent directions."""
 
     unit_norm_decoder: ClassVar[bool] = True  # trainer keeps decoder rows at unit norm
+    # threshold coders (relu, jumprelu, gated, panneal) train on their active entries only while
+    # the batch is sparse enough: `density` is the last measured fraction of (token, latent)
+    # entries the sparse path would carry, and a step goes sparse while it is <= sparse_max_density
+    # (set it to 0 on an instance for the dense reference path, to inf to force the sparse one)
+    sparse_max_density: float = SPARSE_MAX_DENSITY
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -72,6 +78,8 @@ class SparseCoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.W_skip = nn.Parameter(torch.zeros(d_in, d_out)) if cfg.skip else None
+        self.density = 1.0  # dense until a step measures otherwise
+        self.last_path = "dense"  # which path the last training forward took: "dense" or "sparse"
 
     # --- shared pieces -------------------------------------------------------------------
     @property
@@ -96,6 +104,26 @@ class SparseCoder(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x)
+
+    def try_sparse(self) -> bool:
+        """Whether this training step attempts the sparse path (the last batch was sparse enough)."""
+        return self.density <= self.sparse_max_density
+
+    def sparse_entries(self, x_c: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor):
+        """(Entries, float32 values) where x_c W_enc (+ b) > t [width], recording the density; None
+        when the batch is too dense for the sparse path (the caller then runs the dense one)."""
+        dtype = select_dtype(self.cfg.topk_select_dtype, x_c.device)
+        got = threshold_entries(x_c, self.W_enc, b, t, dtype, self.sparse_max_density)
+        if isinstance(got, float):
+            self.density, self.last_path = got, "dense"
+            return None
+        self.density, self.last_path = got[0].nnz / max(1, x_c.shape[0] * self.cfg.width), "sparse"
+        return got
+
+    def note_dense(self, nnz: int | torch.Tensor, batch: int) -> None:
+        """Record the density a dense step measured (so a later step can go sparse)."""
+        self.density = int(nnz) / max(1, batch * self.cfg.width)
+        self.last_path = "dense"
 
     # --- per architecture ----------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:

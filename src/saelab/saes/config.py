@@ -37,7 +37,9 @@ class SAEConfig(Config):
     p_end: float = Field(0.5, gt=0, le=1, description="p-annealing: final p of the Lp penalty (starts at 1)")
     topk_select_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="dtype of the encoder matmul that selects the top k in training (topk, batchtopk, matryoshka; the selected values are "
-                            "recomputed in float32); auto: bfloat16 where the CPU multiplies it natively (AVX512-BF16), else float32")
+                            "recomputed in float32), and that preselects the active entries of relu, jumprelu, gated and panneal on their sparse "
+                            "path (with a proven bf16 error margin, then exact in float32); auto: bfloat16 where the CPU multiplies it natively "
+                            "(AVX512-BF16), else float32")
 
     @model_validator(mode="after")
     def _check(self) -> SAEConfig:

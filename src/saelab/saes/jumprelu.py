@@ -7,6 +7,13 @@ learns through straight-through estimators with a rectangle kernel of width epsi
 (the paper's pseudo-derivatives):
   d/dtheta JumpReLU(pre) := -(theta / eps) K((pre - theta) / eps)
   d/dtheta H(pre - theta) := -(1 / eps) K((pre - theta) / eps),   K(u) = 1[|u| < 1/2].
+
+Sparse path (while the batch is sparse): the entries that carry a value or a gradient are the
+active ones (pre > theta: value, gradient to pre, W_dec) and those within the kernel's band
+(|pre - theta| < eps/2: gradient to theta only, from both pseudo-derivatives; a band entry
+below theta has z = 0 but dL/dz = <dL/dy_hat, W_dec_i> != 0), together pre > theta - eps/2.
+They are decoded with their z (0 for the inactive ones, which then add nothing to y_hat or
+to the W_dec gradient but receive dL/dz), and the same autograd functions run on them.
 """
 
 from __future__ import annotations
@@ -17,12 +24,19 @@ import torch
 
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
 from saelab.saes.config import SAEConfig
+from saelab.saes.sparse_ops import entry_decode, pre_at, take
 
 DEFAULT_L0_COEF = 0.1  # for inputs normalised to E||x||^2 = d
 
 
 def _kernel(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     return ((pre - theta).abs() < eps / 2).to(pre.dtype)
+
+
+def _to_theta(g: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Sum a per-entry gradient to theta's shape: over the batch for dense [B, m] against theta
+    [m]; as it is for entries [nnz] against theta gathered per entry [nnz]."""
+    return g.sum(0) if g.dim() > theta.dim() else g
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -36,7 +50,7 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, g):
         pre, theta = ctx.saved_tensors
         g_pre = g * (pre > theta)
-        g_theta = (-(theta / ctx.eps) * _kernel(pre, theta, ctx.eps) * g).sum(0)
+        g_theta = _to_theta(-(theta / ctx.eps) * _kernel(pre, theta, ctx.eps) * g, theta)
         return g_pre, g_theta, None
 
 
@@ -50,7 +64,7 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         pre, theta = ctx.saved_tensors
-        return None, (-(1 / ctx.eps) * _kernel(pre, theta, ctx.eps) * g).sum(0), None
+        return None, _to_theta(-(1 / ctx.eps) * _kernel(pre, theta, ctx.eps) * g, theta), None
 
 
 @register("jumprelu")
@@ -68,15 +82,39 @@ class JumpReluSAE(SparseCoder):
         return pre * (pre > self.threshold)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        if self.try_sparse() and (out := self.forward_sparse(x, y, ctx)) is not None:
+            return out
+        return self.forward_dense(x, y, ctx)
+
+    def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
+        """The same loss on the active and in-band entries; None (after measuring) when too dense."""
+        x_c = self.centered(x)
+        eps = self.cfg.bandwidth
+        # active or within the band: pre > theta - eps / 2
+        if (got := self.sparse_entries(x_c, self.b_enc, (self.threshold - eps / 2).detach())) is None:
+            return None
+        ent, vals = got
+        pre_e = pre_at(x_c, self.W_enc, self.b_enc, vals, ent)
+        theta = take(self.threshold, ent)
+        z = _JumpReLU.apply(pre_e, theta, eps)
+        y_hat = entry_decode(z, self.W_dec, ent) + self.b_dec + self.skip_out(x)
+        l0 = _Step.apply(pre_e, theta, eps).sum() / ctx.n_tokens
+        return self._loss(x, y, y_hat, l0, ent.cols[pre_e.detach() > theta.detach()], ctx)
+
+    def forward_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        """The reference path: dense [batch, width] pre-activations."""
         pre = self.pre_acts(x)
         theta = self.threshold
         z = _JumpReLU.apply(pre, theta, self.cfg.bandwidth)
-        y_hat = self.decode(z, x)
-        err = y - y_hat
         l0 = _Step.apply(pre, theta, self.cfg.bandwidth).sum() / ctx.n_tokens
+        with torch.no_grad():
+            self.note_dense((pre > theta - self.cfg.bandwidth / 2).sum(), x.shape[0])
+        return self._loss(x, y, self.decode(z, x), l0, z.nonzero()[:, 1], ctx)
+
+    def _loss(self, x, y, y_hat, l0, active, ctx: LossContext) -> ForwardOutput:
+        err = y - y_hat
         coef = DEFAULT_L0_COEF if self.cfg.sparsity_coef is None else self.cfg.sparsity_coef
         mse = err.pow(2).sum() / ctx.n_tokens
         loss = mse + ctx.sparsity_scale * coef * l0
-        active = z.nonzero()[:, 1]
         return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
                              active.numel() / x.shape[0], {"mse": mse.detach(), "l0": l0.detach()})

@@ -7,6 +7,9 @@ steps between ANNEAL_START and 90% of training; at each move the coefficient is 
 by the batch's ||z||_p_old^p_old / ||z||_p_new^p_new so the penalty keeps its magnitude
 (as the authors' trainer does). p and the rescaled coefficient are buffers, so a resumed
 run continues exactly.
+
+Sparse path (while the batch is sparse): z^p and its gradient vanish off the active entries,
+so everything after the encoder matmul runs on them (as relu.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
 from saelab.saes.config import SAEConfig
+from saelab.saes.sparse_ops import entry_decode, pre_at
 
 DEFAULT_COEF = 5.0
 ANNEAL_START, ANNEAL_END, ANNEAL_STEPS = 0.2, 0.9, 10
@@ -40,8 +44,9 @@ class PAnnealSAE(SparseCoder):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.pre_acts(x))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        z = self.encode(x)
+    def anneal(self, z: torch.Tensor, ctx: LossContext) -> None:
+        """Move p on schedule, rescaling the coefficient by this batch's ||z||_p^p ratio (z: any
+        shape holding every nonzero activation of the batch)."""
         p_new = p_at(ctx.progress, self.cfg.p_end)
         if p_new != float(self.p):
             with torch.no_grad():
@@ -50,12 +55,36 @@ class PAnnealSAE(SparseCoder):
                 if new > 0:
                     self.coef.mul_(old / new)
                 self.p.fill_(p_new)
-        y_hat = self.decode(z, x)
-        err = y - y_hat
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        if self.try_sparse() and (out := self.forward_sparse(x, y, ctx)) is not None:
+            return out
+        return self.forward_dense(x, y, ctx)
+
+    def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
+        """The same loss on the active entries only; None (after measuring) when the batch is too dense."""
+        x_c = self.centered(x)
+        if (got := self.sparse_entries(x_c, self.b_enc, torch.zeros_like(self.b_enc.detach()))) is None:
+            return None
+        ent, vals = got
+        z = pre_at(x_c, self.W_enc, self.b_enc, vals, ent)  # [nnz], all > 0
+        self.anneal(z, ctx)
+        y_hat = entry_decode(z, self.W_dec, ent) + self.b_dec + self.skip_out(x)
+        return self._loss(x, y, y_hat, (z + 1e-12).pow(float(self.p)).sum() / ctx.n_tokens, ent.cols, ctx)
+
+    def forward_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        """The reference path: dense [batch, width] activations."""
+        z = self.encode(x)
+        self.anneal(z, ctx)
         # (z + tiny)^p keeps the gradient finite at z = 0 for p < 1; the tiny shift is negligible
         pen = ((z + 1e-12).pow(float(self.p)) * (z > 0)).sum() / ctx.n_tokens
+        active = z.nonzero()[:, 1]
+        self.note_dense(active.numel(), x.shape[0])
+        return self._loss(x, y, self.decode(z, x), pen, active, ctx)
+
+    def _loss(self, x, y, y_hat, pen, active, ctx: LossContext) -> ForwardOutput:
+        err = y - y_hat
         mse = err.pow(2).sum() / ctx.n_tokens
         loss = mse + ctx.sparsity_scale * float(self.coef) * pen
-        active = z.nonzero()[:, 1]
         return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
                              active.numel() / x.shape[0], {"mse": mse.detach(), "lp": pen.detach()})

@@ -5,6 +5,10 @@ Loss = sum_b ||y_b - y_hat_b||^2 / n + lambda * sum_b sum_i z_bi ||W_dec_i|| / n
 inputs normalised so that E||x||^2 = d (the trainer does that and folds it back at save),
 no decoder norm constraint, decoder rows initialised at norm 0.1 and lambda warmed up
 from 0 over the first `sparsity_warmup` of training.
+
+Sparse path (while the batch is sparse, base.SparseCoder.sparse_max_density): only the
+active entries z_bi > 0 carry a value or a gradient (ReLU), so the decoder runs on them and
+the penalty's W_dec gradient involves ||W_dec_i|| of active i only.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
 from saelab.saes.config import SAEConfig
+from saelab.saes.sparse_ops import entry_decode, pre_at, take
 
 DEFAULT_L1 = 5.0
 DECODER_INIT_NORM = 0.1
@@ -41,12 +46,30 @@ class ReluSAE(SparseCoder):
         return DEFAULT_L1 if self.cfg.sparsity_coef is None else self.cfg.sparsity_coef
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        if self.try_sparse() and (out := self.forward_sparse(x, y, ctx)) is not None:
+            return out
+        return self.forward_dense(x, y, ctx)
+
+    def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
+        """The same loss on the active entries only; None (after measuring) when the batch is too dense."""
+        x_c = self.centered(x)
+        if (got := self.sparse_entries(x_c, self.b_enc, torch.zeros_like(self.b_enc.detach()))) is None:
+            return None
+        ent, vals = got
+        z = pre_at(x_c, self.W_enc, self.b_enc, vals, ent)  # [nnz], all > 0
+        y_hat = entry_decode(z, self.W_dec, ent) + self.b_dec + self.skip_out(x)
+        return self._loss(x, y, y_hat, (z * take(self.W_dec.norm(dim=1), ent)).sum() / ctx.n_tokens, ent.cols, ctx)
+
+    def forward_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        """The reference path: dense [batch, width] activations."""
         z = self.encode(x)
-        y_hat = self.decode(z, x)
+        active = z.nonzero()[:, 1]
+        self.note_dense(active.numel(), x.shape[0])
+        return self._loss(x, y, self.decode(z, x), self.penalty(z, ctx), active, ctx)
+
+    def _loss(self, x, y, y_hat, pen, active, ctx: LossContext) -> ForwardOutput:
         err = y - y_hat
         recon = err.pow(2).sum() / ctx.n_tokens
-        pen = self.penalty(z, ctx)
         loss = recon + ctx.sparsity_scale * self.coef() * pen
-        active = z.nonzero()[:, 1]
         return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
                              active.numel() / x.shape[0], {"mse": recon.detach(), "l1": pen.detach()})

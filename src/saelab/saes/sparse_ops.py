@@ -198,3 +198,186 @@ class BatchTopKEncode(torch.autograd.Function):
 def batch_topk_encode(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return BatchTopKEncode.apply(x_c, W_enc, b_enc, k, dtype)
+
+
+# --- sparse training paths for threshold coders (ReLU, JumpReLU, Gated, p-annealing) ----------
+#
+# Their activations are not k-sparse by construction, but once trained they are sparse (L0 << width).
+# The encoder's dense forward matmul stays; everything after it runs on the entries that carry a
+# value or a gradient (`Entries`, chosen per architecture), listed row-sorted: the values are read
+# from the dense pre-activations (`pre_at`, whose backward is TopK's sparse encoder backward), the
+# decoder is sparse both ways (`entry_decode`), and per-latent vectors are read per entry (`take`).
+# The encoder and decoder weight gradients are both segment sums over the entries sorted by latent;
+# that order is computed once per step.
+
+SPARSE_MAX_DENSITY = 0.05  # entries / (batch * width) up to which the sparse path runs. Measured (d 576, width
+# 9216, batch 4096, forward + backward, bf16 preselection; 2 shared cores, load ~5): density 0.6% sparse
+# 1.3-2.2 s vs dense 4.0-6.2 s, 2% 1.9-2.8 vs 3.4-6.6 s, 5% 2.9-5.5 vs 2.6-7.0 s (break-even for relu and gated,
+# faster for jumprelu and panneal), 10% slower for all four (docs/benchmarks.md, "Threshold coders")
+
+
+class Entries:
+    """Row-sorted entries (rows [nnz], cols [nnz], offsets [B], flat = rows * m + cols) of a [B, m]
+    mask, with their latent-sorted order computed on first use."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, batch: int, width: int):
+        self.batch, self.width, self.rows, self.cols = batch, width, rows, cols
+        self.offsets = row_offsets(rows, batch)
+        self._by_latent: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> Entries:
+        flat = mask.view(-1).nonzero().squeeze(1)
+        return cls(flat // mask.shape[1], flat % mask.shape[1], *mask.shape)
+
+    def subset(self, keep: torch.Tensor) -> Entries:
+        return Entries(self.rows[keep], self.cols[keep], self.batch, self.width)
+
+    @property
+    def nnz(self) -> int:
+        return self.cols.numel()
+
+    def by_latent(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order [nnz], rows in that order [nnz], latent offsets [m]) for segment sums over latents."""
+        if self._by_latent is None:
+            order = self.cols.argsort()
+            self._by_latent = order, self.rows[order], row_offsets(self.cols[order], self.width)
+        return self._by_latent
+
+    def latent_sum(self, weights: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """sum over entries e of latent i of weights[e] * a[rows[e]], every latent -> [m, a.shape[1]]."""
+        order, rows, offsets = self.by_latent()
+        return F.embedding_bag(rows, a, offsets, per_sample_weights=weights[order].to(a.dtype), mode="sum")
+
+    def dots(self, a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """<a[rows[e]], W[cols[e]]> for every entry -> [nnz]; a [B, d], W [m, d]."""
+        return entry_dots(a, W, self.rows, self.cols, self.offsets)
+
+
+def entry_dots(a: torch.Tensor, W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+               offsets: torch.Tensor) -> torch.Tensor:
+    """<a[rows[e]], W[cols[e]]> [nnz] (rows sorted; offsets their row starts): torch's fused kernel
+    for an embedding_bag's per-sample-weight gradient on the CPU, a chunked gather elsewhere."""
+    if fused_kernels(a):
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(a, W, cols, offsets, rows, 0, -1)
+    step = max(1, (1 << 24) // max(1, a.shape[1]))  # entries per chunk: bounds the [chunk, d] gathers
+    return (torch.cat([(a[rows[s:s + step]] * W[cols[s:s + step]]).sum(-1) for s in range(0, cols.numel(), step)])
+            if cols.numel() else a.new_zeros(0))
+
+
+class PreAt(torch.autograd.Function):
+    """(x [B, d_in], W_enc [d_in, m], b [m] or None, vals [nnz] = (x W_enc (+ b)) at the entries,
+    computed without autograd, entries) -> vals, differentiable in x, W_enc and b as if the dense
+    pre-activations had been computed with autograd and indexed; the backward touches only the entries."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b, vals, ent: Entries):
+        ctx.save_for_backward(x, W_enc)
+        ctx.ent, ctx.has_bias = ent, b is not None
+        return vals.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W_enc = ctx.saved_tensors
+        ent: Entries = ctx.ent
+        g = g.contiguous()
+        g_x = (F.embedding_bag(ent.cols, W_enc.t().contiguous(), ent.offsets, per_sample_weights=g, mode="sum")
+               if ctx.needs_input_grad[0] else None)
+        g_W = ent.latent_sum(g, x).t() if ctx.needs_input_grad[1] else None
+        g_b = (torch.zeros(ent.width, dtype=g.dtype, device=g.device).index_add_(0, ent.cols, g)
+               if ctx.has_bias and ctx.needs_input_grad[2] else None)
+        return g_x, g_W, g_b, None, None
+
+
+def pre_at(x: torch.Tensor, W_enc: torch.Tensor, b: torch.Tensor | None, vals: torch.Tensor,
+           ent: Entries) -> torch.Tensor:
+    return PreAt.apply(x, W_enc, b, vals, ent)
+
+
+class EntryDecode(torch.autograd.Function):
+    """(z [nnz], W_dec [m, d_out], entries) -> sum over a row's entries of z_e W_dec[col_e] [B, d_out].
+    Backward: dL/dz_e = <dL/dy[row_e], W_dec[col_e]> (also for entries with z_e = 0) and the W_dec
+    gradient as a latent segment sum (the same sorted order as the encoder's)."""
+
+    @staticmethod
+    def forward(ctx, z, W_dec, ent: Entries):
+        ctx.save_for_backward(z, W_dec)
+        ctx.ent = ent
+        return F.embedding_bag(ent.cols, W_dec, ent.offsets, per_sample_weights=z.to(W_dec.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx, g_y):
+        z, W_dec = ctx.saved_tensors
+        ent: Entries = ctx.ent
+        g_y = g_y.contiguous()
+        g_z = ent.dots(g_y, W_dec) if ctx.needs_input_grad[0] else None
+        g_W = ent.latent_sum(z, g_y) if ctx.needs_input_grad[1] else None
+        return g_z, g_W, None
+
+
+def entry_decode(z: torch.Tensor, W_dec: torch.Tensor, ent: Entries) -> torch.Tensor:
+    return EntryDecode.apply(z, W_dec, ent)
+
+
+class Take(torch.autograd.Function):
+    """w [m] -> w[cols] [nnz], with the backward as a 1-D index_add (autograd's indexing backward
+    sorts the indices first: ~15x slower at 200k entries)."""
+
+    @staticmethod
+    def forward(ctx, w, cols):
+        ctx.save_for_backward(cols)
+        ctx.m = w.shape[0]
+        return w[cols]
+
+    @staticmethod
+    def backward(ctx, g):
+        (cols,) = ctx.saved_tensors
+        return torch.zeros(ctx.m, dtype=g.dtype, device=g.device).index_add_(0, cols, g), None
+
+
+def take(w: torch.Tensor, ent: Entries) -> torch.Tensor:
+    return Take.apply(w, ent.cols)
+
+
+def bf16_margin(x: torch.Tensor, W_enc_t: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """A bound [m] on |bf16 pre - exact pre| near the level t, for the pre-activations of encoder_pre in
+    bfloat16 (inputs rounded to bf16, u = 2^-8; products accumulated in float32; output rounded to
+    bf16): per latent i and row b, |error| <= (2u + u^2 + d 2^-24) sum_j |x_bj W_ji| + u |b_i|, and
+    the output rounding adds u (|t| + that) near t; sum_j |x_bj W_ji| <= max_b ||x_b|| ||W_i||.
+    Doubled for safety."""
+    u = 2.0**-8
+    d = x.shape[1]
+    a = (2 * u + u * u + d * 2.0**-24) * x.norm(dim=1).max() * W_enc_t.norm(dim=1)
+    if b is not None:
+        a = a + u * b.abs()
+    return 2 * (a * (1 + u) + u * t.abs())
+
+
+def threshold_entries(x: torch.Tensor, W_enc: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor,
+                      dtype: torch.dtype, max_density: float) -> tuple[Entries, torch.Tensor] | float:
+    """The entries where v = x W_enc (+ b) > t (t [m]), with v there [nnz] in float32: (entries,
+    values); or the density when more than max_density of the [B, m] entries pass (nothing more
+    is computed). In bfloat16 the dense matmul only preselects candidates, v > t - bf16_margin
+    (a superset of the exact set), whose values are then recomputed exactly in float32 and
+    filtered; the density is then the candidates'."""
+    B, m = x.shape[0], W_enc.shape[1]
+    with torch.no_grad():
+        W_t = W_enc.t().contiguous()
+        if dtype == x.dtype:
+            pre = x @ W_enc if b is None else encoder_pre(x, W_t, b, dtype)
+            mask = pre > t
+        else:
+            pre = (x.to(dtype) @ W_t.to(dtype).t()) if b is None else encoder_pre(x, W_t, b, dtype)
+            mask = pre > t - bf16_margin(x, W_t, b, t)
+        n = int(mask.count_nonzero())
+        if n > max_density * B * m:
+            return n / (B * m)
+        ent = Entries.of(mask)
+        del mask
+        if dtype == x.dtype:
+            return ent, pre.view(-1)[ent.rows * m + ent.cols]
+        vals = ent.dots(x, W_t)
+        if b is not None:
+            vals += b[ent.cols]
+        keep = vals > t[ent.cols]
+        return ent.subset(keep), vals[keep]
