@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from saelab.activations import harvest as harvest_mod
+from saelab.activations import rows as rows_mod
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.activations.store import StoreWriter
 from saelab.data.corpus import iter_documents
@@ -73,7 +73,7 @@ def bench_forward_share(args, loaded, out: Path) -> dict:
     """Share of each harvest's wall time spent in the forward pass, measured inside it."""
     hook = HookPoint.parse(args.hook)
     many = [f"{k}.{hook.layer}" for k in ("resid_mid", "mlp_in", "mlp_out", "resid_post")]
-    real, spent = harvest_mod.capture, [0.0]
+    real, spent = rows_mod.capture, [0.0]  # the forward the harvest runs (through kept_rows)
 
     def timed(*a, **k):
         t = time.perf_counter()
@@ -82,7 +82,7 @@ def bench_forward_share(args, loaded, out: Path) -> dict:
         finally:
             spent[0] += time.perf_counter() - t
 
-    harvest_mod.capture = timed
+    rows_mod.capture = timed
     res: dict = {}
     try:
         for name, hooks in (("1_hook", args.hook), ("4_hooks", many)):
@@ -96,7 +96,7 @@ def bench_forward_share(args, loaded, out: Path) -> dict:
                 shares.append(round(spent[0] / (time.perf_counter() - t), 4))
             res[name] = {"forward_share_runs": shares, "forward_share_median": statistics.median(shares)}
     finally:
-        harvest_mod.capture = real
+        rows_mod.capture = real
     return res
 
 
