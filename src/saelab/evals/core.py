@@ -246,7 +246,7 @@ def scored_positions(batch: Batch, keep: torch.Tensor) -> torch.Tensor:
     return keep[:, :-1] & batch.attention_mask[:, 1:].to(keep.device).bool()
 
 
-BASELINE_VERSION = 1
+BASELINE_VERSION = 1  # bump when what the clean or ablated passes compute changes: older caches are then ignored
 BASELINE_MAX_BYTES = 1 << 30  # larger baselines (ce_tokens x d x 8 bytes) are not cached
 
 
