@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from saelab.evals.stats import auroc
 from saelab.runs.results import Comparison, Estimate
 
 THRESHOLD = 0.01  # an active latent: activation (or mean activation) above this
@@ -287,17 +288,6 @@ def mann_whitney(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     p = min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2)))
     return {"u": u, "p": float(p), "z": float(math.copysign(max(z, 0.0), u - mu)),
             "rank_biserial": 2 * u / (n1 * n2) - 1, "n_a": int(n1), "n_b": int(n2)}
-
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve of scores for binary labels (ties count one half); NaN if one class."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return math.nan
-    ranks, _ = _ranks(s)
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def auroc_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Estimate:

@@ -12,6 +12,7 @@ explained variance (1 - SSE / total variance).
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 from saelab.runs.results import Comparison, Estimate
 
@@ -102,3 +103,15 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, seed: int = 0
                             for s in range(0, n_boot, 250)])
     return Estimate(mean=ratio(num, den), ci95=[float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
                     n_units=int(num.shape[0]), n_boot=int(n_boot), method=METHOD)
+
+
+def auroc(y: np.ndarray, score: np.ndarray) -> np.ndarray | float:
+    """Area under the ROC curve along the last axis = the Mann-Whitney probability that a positive
+    outscores a negative (ties count half): sklearn's roc_auc_score, vectorised over resamples."""
+    y, score = np.asarray(y), np.asarray(score, dtype=np.float64)
+    pos = y == 1
+    n1, n0 = pos.sum(-1), (y == 0).sum(-1)
+    ranks = rankdata(score, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = ((ranks * pos).sum(-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return float(out) if np.ndim(out) == 0 else out

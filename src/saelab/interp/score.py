@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import Field
-from scipy.stats import rankdata
 
 from saelab.config import Config
+from saelab.evals.stats import auroc
 from saelab.interp.examples import Window
 from saelab.interp.explain import Formatter
 from saelab.interp.llm import LLM, Request, Response
@@ -76,18 +76,6 @@ def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> np.ndarray | float:
         tpr = ((pred == 1) & pos).sum(-1) / pos.sum(-1)
         tnr = ((pred == 0) & neg).sum(-1) / neg.sum(-1)
     out = 0.5 * (tpr + tnr)
-    return float(out) if np.ndim(out) == 0 else out
-
-
-def auroc(y: np.ndarray, score: np.ndarray) -> np.ndarray | float:
-    """Area under the ROC curve along the last axis = the Mann-Whitney probability that a positive
-    outscores a negative (ties count half): sklearn's roc_auc_score, vectorised over resamples."""
-    y, score = np.asarray(y), np.asarray(score, dtype=np.float64)
-    pos = y == 1
-    n1, n0 = pos.sum(-1), (y == 0).sum(-1)
-    ranks = rankdata(score, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = ((ranks * pos).sum(-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
     return float(out) if np.ndim(out) == 0 else out
 
 

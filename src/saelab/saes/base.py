@@ -173,6 +173,23 @@ class SparseCoder(nn.Module):
                                        **(meta or {})})
 
 
+class ThresholdCoder(SparseCoder):
+    """A coder whose activations are thresholded (ReLU, JumpReLU, Gated, p-annealing): each
+    training step takes the sparse path while the last batch was sparse enough, else the dense
+    reference path (which measures the density for the next step)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        if self.try_sparse() and (out := self.forward_sparse(x, y, ctx)) is not None:
+            return out
+        return self.forward_dense(x, y, ctx)
+
+    def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
+        raise NotImplementedError
+
+    def forward_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
+        raise NotImplementedError
+
+
 def fvu_of(err: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
     """sum ||err||^2 / total variance (variance around the batch mean, summed over dims)."""
     return err.pow(2).sum() / total_variance

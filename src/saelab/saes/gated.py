@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.base import (
+    ForwardOutput,
+    LossContext,
+    ThresholdCoder,
+    fvu_of,
+    register,
+)
 from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import entry_decode, pre_at, take
 
@@ -30,7 +36,7 @@ DEFAULT_L1 = 1.0  # for inputs normalised to E||x||^2 = d
 
 
 @register("gated")
-class GatedSAE(SparseCoder):
+class GatedSAE(ThresholdCoder):
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.r_mag = torch.nn.Parameter(torch.zeros(cfg.width))
@@ -45,11 +51,6 @@ class GatedSAE(SparseCoder):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pi_gate, pi_mag = self.gates(x)
         return (pi_gate > 0) * F.relu(pi_mag)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        if self.try_sparse() and (out := self.forward_sparse(x, y, ctx)) is not None:
-            return out
-        return self.forward_dense(x, y, ctx)
 
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the open gates only; None (after measuring) when too dense."""

@@ -22,7 +22,13 @@ import math
 
 import torch
 
-from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.base import (
+    ForwardOutput,
+    LossContext,
+    ThresholdCoder,
+    fvu_of,
+    register,
+)
 from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import entry_decode, pre_at, take
 
@@ -68,7 +74,7 @@ class _Step(torch.autograd.Function):
 
 
 @register("jumprelu")
-class JumpReluSAE(SparseCoder):
+class JumpReluSAE(ThresholdCoder):
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.log_threshold = torch.nn.Parameter(torch.full((cfg.width,), math.log(cfg.threshold_init)))
@@ -80,11 +86,6 @@ class JumpReluSAE(SparseCoder):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        if self.try_sparse() and (out := self.forward_sparse(x, y, ctx)) is not None:
-            return out
-        return self.forward_dense(x, y, ctx)
 
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the active and in-band entries; None (after measuring) when too dense."""

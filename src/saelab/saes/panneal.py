@@ -17,7 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.base import (
+    ForwardOutput,
+    LossContext,
+    ThresholdCoder,
+    fvu_of,
+    register,
+)
 from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import entry_decode, pre_at
 
@@ -34,7 +40,7 @@ def p_at(progress: float, p_end: float) -> float:
 
 
 @register("panneal")
-class PAnnealSAE(SparseCoder):
+class PAnnealSAE(ThresholdCoder):
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.register_buffer("p", torch.tensor(1.0))
@@ -55,11 +61,6 @@ class PAnnealSAE(SparseCoder):
                 if new > 0:
                     self.coef.mul_(old / new)
                 self.p.fill_(p_new)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        if self.try_sparse() and (out := self.forward_sparse(x, y, ctx)) is not None:
-            return out
-        return self.forward_dense(x, y, ctx)
 
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the active entries only; None (after measuring) when the batch is too dense."""

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
+from saelab.saes.base import (
+    ForwardOutput,
+    LossContext,
+    ThresholdCoder,
+    fvu_of,
+    register,
+)
 from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import entry_decode, pre_at, take
 
@@ -25,7 +31,7 @@ DECODER_INIT_NORM = 0.1
 
 
 @register("relu")
-class ReluSAE(SparseCoder):
+class ReluSAE(ThresholdCoder):
     unit_norm_decoder = False
 
     def __init__(self, cfg: SAEConfig):
@@ -44,11 +50,6 @@ class ReluSAE(SparseCoder):
 
     def coef(self) -> float:
         return DEFAULT_L1 if self.cfg.sparsity_coef is None else self.cfg.sparsity_coef
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        if self.try_sparse() and (out := self.forward_sparse(x, y, ctx)) is not None:
-            return out
-        return self.forward_dense(x, y, ctx)
 
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the active entries only; None (after measuring) when the batch is too dense."""
