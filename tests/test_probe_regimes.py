@@ -2,6 +2,7 @@
 rows; a planted latent makes the SAE probe win; shuffled labels give chance; the quiver."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -172,3 +173,77 @@ def test_the_gbdt_probe_is_xgboost():
     (g,) = make_probes(["gbdt"], budget=2)
     o = select_and_test(g, x[:60], y[:60], x[60:], y[60:], cv_splits(y[:60])[1])
     assert o.test_auc > 0.8 and o.config in [g.GRID[0], g.GRID[1]]
+
+
+def test_mlps_trained_together_equal_each_trained_alone():
+    """The batched MLP: every (problem, config) is its own objective, so a model trained beside
+    others (problems of different sizes padded together, one- and two-layer configs sharing the
+    first matrix) equals the same model trained alone."""
+    from saelab.evals.probe_mlp import fit_mlps
+
+    rng = np.random.default_rng(0)
+    configs = [dict(c) for c in make_probes(["mlp"], budget=4)[0].GRID[:4]]
+    problems = []
+    for n, m in ((9, 3), (20, 7), (14, 5)):
+        y = np.array([0, 1] * (n // 2) + [1] * (n % 2))
+        problems.append((rng.normal(size=(n, 12)) + y[:, None], y, rng.normal(size=(m, 12))))
+    together = fit_mlps(problems, configs, seed=3)
+    for p, t in zip(problems, together, strict=True):
+        alone = fit_mlps([p], configs, seed=3)[0]
+        assert t.shape == (len(configs), len(p[2]))
+        np.testing.assert_allclose(t, alone, atol=1e-5)
+    assert not np.allclose(together[0][0], fit_mlps([problems[0]], configs, seed=4)[0][0], atol=1e-3)
+
+
+def test_the_mlp_probe_learns_what_a_linear_probe_cannot_and_matches_sklearns_mlp():
+    """XOR of two features: logistic regression is at chance, the MLP is not; its test AUC is that
+    of sklearn's MLPClassifier (the model and objective it reimplements) within 0.05."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 10))
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).astype(int)
+    (mlp,) = make_probes(["mlp"], budget=2)
+    (lin,) = make_probes(["logreg"], budget=2)
+    splits = cv_splits(y[:400])[1]
+    o = select_and_test(mlp, x[:400], y[:400], x[400:], y[400:], splits)
+    lo = select_and_test(lin, x[:400], y[:400], x[400:], y[400:], splits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = MLPClassifier(**o.config, solver="lbfgs", max_iter=200, random_state=0).fit(x[:400], y[:400])
+    sk_auc = roc_auc_score(y[400:], sk.predict_proba(x[400:])[:, 1])
+    assert lo.test_auc < 0.65 < 0.9 < o.test_auc and abs(o.test_auc - sk_auc) < 0.05, (o, lo.test_auc, sk_auc)
+
+
+def test_the_mlps_cross_validation_never_sees_test_rows(monkeypatch):
+    """The MLP fits every split at once (fit_score_splits): its CV problems hold training rows only."""
+    import saelab.evals.probe_regimes as pr
+
+    calls = []
+    real = pr.fit_mlps
+
+    def spy(problems, configs, seed=0, **kw):
+        calls.append([(set(f[:, 0].astype(int)), set(e[:, 0].astype(int))) for f, _, e in problems])
+        return real(problems, configs, seed, steps=2)
+
+    monkeypatch.setattr(pr, "fit_mlps", spy)
+    y, test, pools = _pools()
+    x = np.column_stack([np.arange(len(y)), np.random.default_rng(0).normal(size=(len(y), 5)) + y[:, None]])
+    for n_train in (10, 60, 300):
+        (p,) = [q for q in regime_points("scarcity", 300, 700, 120, 200) if q.n_train >= n_train][:1]
+        d = pools.draw(p)
+        calls.clear()
+        run_point({"resid": x}, make_probes(["mlp"], budget=2), d)
+        *cv, final = calls
+        train_ids = set(d.train)
+        assert len(cv) == 1 and len(cv[0]) == len(cv_splits(d.y_train)[1]) > 0
+        assert all(f <= train_ids and e <= train_ids for f, e in cv[0])
+        assert final == [(train_ids, set(d.test))]
+
+
+def test_the_sae_topk_grid_spans_the_papers_ks():
+    (p,) = make_probes(["sae_topk"], budget=4)
+    assert [c["k"] for c in p.configs(100, 4608)] == [1, 8, 64, 512]
+    assert [c["k"] for c in p.configs(100, 50)] == [1, 4, 14, 50]
+    assert [c["k"] for c in make_probes(["sae_topk"], budget=8)[0].configs(100, 4608)] == [1, 2, 6, 14, 35, 86, 210, 512]

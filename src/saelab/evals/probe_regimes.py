@@ -34,16 +34,16 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import sklearn
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import NearestNeighbors
-from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from saelab.evals.stats import compare, mean_ci
+from saelab.evals.probe_mlp import fit_mlps
+from saelab.evals.stats import auroc, compare, mean_ci
 from saelab.io import stable_hash
 
 SETTINGS = ("normal", "scarcity", "imbalance", "label_noise")
@@ -248,6 +248,12 @@ class Probe:
         """[len(configs), rows of xe] positive-class probabilities."""
         raise NotImplementedError
 
+    def fit_score_splits(self, x, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]],
+                         configs: list[dict[str, Any]]) -> list[np.ndarray]:
+        """fit_score on every (fit rows, validation rows) split of the training rows x; a probe
+        that can fit all splits at once overrides this."""
+        return [self.fit_score(x[tr], y[tr], x[va], configs) for tr, va in splits]
+
 
 class LogReg(Probe):
     """L2 logistic regression on standardised features, C on a log grid (warm-started along it)."""
@@ -334,18 +340,23 @@ class GBDT(Probe):
     def fit_score(self, xf, yf, xe, configs):
         import xgboost
 
+        # one quantised fit matrix serves every config (as XGBClassifier with the same parameters)
+        fit = xgboost.QuantileDMatrix(_dense(xf), yf, max_bin=16, nthread=1)
+        ev = xgboost.DMatrix(_dense(xe), nthread=1)
         out = []
         for cfg in configs:
-            clf = xgboost.XGBClassifier(**cfg, max_bin=16, tree_method="hist", n_jobs=1, random_state=self.seed,
-                                        min_child_weight=1 if len(yf) < 50 else 2, eval_metric="logloss")
-            out.append(clf.fit(_dense(xf), yf).predict_proba(_dense(xe))[:, 1])
-        return np.array(out)
+            params = {"objective": "binary:logistic", "tree_method": "hist", "max_bin": 16, "nthread": 1,
+                      "seed": self.seed, "max_depth": cfg["max_depth"], "eta": cfg["learning_rate"],
+                      "colsample_bytree": cfg["colsample_bytree"], "min_child_weight": 1 if len(yf) < 50 else 2}
+            out.append(xgboost.train(params, fit, num_boost_round=cfg["n_estimators"]).predict(ev))
+        return np.array(out, dtype=np.float64)
 
 
 class MLP(Probe):
-    """A ReLU MLP (sklearn, L-BFGS, up to 50 iterations) on standardised features: the first `budget`
-    configurations of a fixed list over SAE-Probes' hidden sizes (up to two layers) x L2 penalty
-    (alpha), spread over the penalty first."""
+    """A ReLU MLP (saelab.evals.probe_mlp: sklearn's MLPClassifier model and objective, full-batch
+    Adam, 100 steps) on standardised features: the first `budget` configurations of a fixed list over
+    SAE-Probes' hidden sizes (up to two layers) x L2 penalty (alpha), spread over the penalty first.
+    Every split and config of a selection is trained at once."""
 
     name = "mlp"
     GRID = ({"hidden_layer_sizes": (32,), "alpha": 1e-2}, {"hidden_layer_sizes": (64,), "alpha": 1.0},
@@ -357,9 +368,11 @@ class MLP(Probe):
         return [dict(c) for c in self.GRID[: self.budget]]
 
     def fit_score(self, xf, yf, xe, configs):
-        xf, xe = _scale(_dense(xf), _dense(xe))
-        return np.array([MLPClassifier(**c, solver="lbfgs", max_iter=50, random_state=self.seed)
-                         .fit(xf, yf).predict_proba(xe)[:, 1] for c in configs])
+        return fit_mlps([(_dense(xf), yf, _dense(xe))], configs, self.seed)[0]
+
+    def fit_score_splits(self, x, y, splits, configs):
+        x = _dense(x)
+        return fit_mlps([(x[tr], y[tr], x[va]) for tr, va in splits], configs, self.seed) if splits else []
 
 
 def top_latents(z, y: np.ndarray, k: int) -> np.ndarray:
@@ -370,13 +383,18 @@ def top_latents(z, y: np.ndarray, k: int) -> np.ndarray:
 
 class SAETopK(Probe):
     """Logistic regression (C = 1, standardised) on the top-k SAE latents by class-mean difference
-    on the fit rows, k on a grid 1, 2, 4, ..., 2^(budget-1)."""
+    on the fit rows, k on a log grid over 1 ... 512 (SAE-Probes' `run_sae_evals.py` trains k in 1, 2,
+    4, ..., 512 in the normal setting and 16, 128 in the others; `budget` points of that range here,
+    1, 8, 64, 512 at the default 4)."""
 
     name = "sae_topk"
     features = "sae"
+    K_MAX = 512
 
     def configs(self, n, d):
-        return [{"k": 2**i} for i in range(self.budget) if 2**i <= d]
+        top = min(self.K_MAX, d)
+        ks = np.unique(np.round(np.logspace(0, np.log2(top), self.budget, base=2)).astype(int))
+        return [{"k": int(k)} for k in ks]
 
     def fit_score(self, xf, yf, xe, configs):
         order = top_latents(xf, yf, max(c["k"] for c in configs))
@@ -414,7 +432,7 @@ def make_probes(names: list[str], budget: int = 4, seed: int = 0) -> list[Probe]
 
 # --- one point: select on the training rows, then test ----------------------------------------
 def auc(y: np.ndarray, s: np.ndarray) -> float:
-    return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else float("nan")
+    return float(auroc(y, s)) if len(np.unique(y)) == 2 else float("nan")
 
 
 @dataclass
@@ -436,8 +454,9 @@ def select_and_test(probe: Probe, x_train, y_train: np.ndarray, x_test, y_test: 
     n, d = x_train.shape
     configs = probe.configs(n, d)
     if splits:
-        aucs = np.array([[auc(y_train[va], s) for s in probe.fit_score(x_train[tr], y_train[tr], x_train[va], configs)]
-                         for tr, va in splits])  # [splits, configs]
+        # every split's validation rows hold both classes (cv_splits): one vectorised AUC per split
+        aucs = np.array([auroc(y_train[va], scores) for (_, va), scores in
+                         zip(splits, probe.fit_score_splits(x_train, y_train, splits, configs), strict=True)])
         mean = np.nanmean(aucs, axis=0) if np.isfinite(aucs).any() else np.full(len(configs), np.nan)
         best = int(np.nanargmax(mean)) if np.isfinite(mean).any() else len(configs) // 2
         cfg, val = configs[best], float(mean[best])
@@ -454,7 +473,9 @@ def run_point(feats: dict[str, Any], probes: list[Probe], draw: Draw, seed: int 
     and any other name a probe reads (e.g. the control SAE's latents)."""
     scheme, splits = cv_splits(draw.y_train, seed)
     out = []
-    with warnings.catch_warnings():
+    # our own finite arrays and fixed parameters: sklearn's per-call input and parameter checks are
+    # a quarter of a small fit's time, so they are skipped
+    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for p in probes:
             x = feats[p.features]
