@@ -198,3 +198,29 @@ def test_local_backend_shared_prefix_matches_a_plain_forward(tiny_model_dir):
     assert long.completion_tokens <= 7 and len(long.logprobs) == long.completion_tokens
     s = [llm.complete([Request.chat(None, "y", max_tokens=5, temperature=1.0, seed=4)])[0].text for _ in range(2)]
     assert s[0] == s[1]  # seeded sampling is reproducible
+
+
+def test_local_backend_continues_a_prefill(tiny_model_dir):
+    """A prefilled answer: the prompt ends with the prefill after the assistant header, the model's
+    first token is the one it predicts after it, and the text starts with the prefill (so the
+    explanation parser finds its tag); the cache key differs from the same request without one."""
+    from saelab.interp.explain import parse_explanation
+    from saelab.interp.llm.local import LocalLLM
+    from saelab.models.load import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    loaded.tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                      "{% if add_generation_prompt %}assistant:{% endif %}")
+    llm = LocalLLM(LLMConfig(model=str(tiny_model_dir), dtype="float32"), loaded=loaded)
+    plain = Request.chat(None, "describe it", max_tokens=4)
+    pre = Request.chat(None, "describe it", max_tokens=4, prefill="[EXPLANATION]:")
+    ids_plain, ids_pre = llm.prompt_ids(plain), llm.prompt_ids(pre)
+    tail = loaded.tokenizer("[EXPLANATION]:", add_special_tokens=False)["input_ids"]
+    assert len(ids_pre) > len(ids_plain) and loaded.tokenizer.decode(ids_pre[len(ids_pre) - len(tail):]) \
+        .endswith("[EXPLANATION]:")
+    out = llm.complete([pre])[0]
+    first = int(loaded.model(input_ids=torch.tensor([ids_pre])).logits[0, -1].argmax())
+    assert out.text.startswith("[EXPLANATION]:") and out.prompt_tokens == len(ids_pre)
+    assert out.text[len("[EXPLANATION]:"):].startswith(loaded.tokenizer.decode([first])[:1] or "")
+    assert parse_explanation(out.text)[1] or not out.text[len("[EXPLANATION]:"):].strip()
+    assert pre.key("b") != plain.key("b") and plain.key("b") == Request.chat(None, "describe it", max_tokens=4).key("b")

@@ -176,5 +176,28 @@ def test_held_out_examples_are_never_shown_to_the_explainer(char_run, tiny_loade
     win = json.loads((char_run / "interp" / "windows.json").read_text())
     for w in win.values():
         shown = {x["ctx"] for x in w["explain"]}
-        scored = {x["ctx"] for k in ("test", "negatives", "hard_negatives") for x in w[k]}
+        scored = {x["ctx"] for k in ("test", "negatives", "hard_negatives", "similar_negatives") for x in w[k]}
         assert shown and scored and not shown & scored
+        # similar negatives: silent, and never the random negatives again
+        assert w["similar_negatives"] and all(max(x["acts"]) == 0 for x in w["similar_negatives"])
+        assert not {(x["ctx"], x["center"]) for x in w["similar_negatives"]} & \
+            {(x["ctx"], x["center"]) for x in w["negatives"]}
+
+
+def test_similar_negatives_are_the_nearest_by_embedding_query_by_query():
+    """delphi's FAISS rule: the first query's nearest candidates first, then the next query's."""
+    from saelab.interp.examples import Window
+    from saelab.interp.select import similar_windows
+
+    def win(i):
+        return Window(0, i, 0, 0, [i], [0.0], 0, "x")
+
+    vec = {0: [1, 0, 0], 1: [0, 1, 0], 10: [0.9, 0.1, 0], 11: [0.1, 0.9, 0], 12: [0.8, 0.2, 0], 13: [0, 0, 1]}
+
+    def embed(ws):
+        return torch.nn.functional.normalize(torch.tensor([vec[w.ctx] for w in ws], dtype=torch.float), dim=-1)
+
+    q, c = [win(0), win(1)], [win(i) for i in (13, 11, 12, 10)]
+    assert [w.ctx for w in similar_windows(q, c, 2, embed)] == [10, 12]
+    assert [w.ctx for w in similar_windows(q, c, 3, embed)] == [10, 12, 11]
+    assert similar_windows(q, c, 0, embed) == [] and similar_windows([], c, 2, embed) == []

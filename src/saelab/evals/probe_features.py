@@ -60,11 +60,12 @@ def feature_key(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, positions:
 
 
 def kept_batches(texts: list[str], loaded: LoadedModel, hp: HookPoint, positions: Positions, max_tokens: int,
-                 batch_size: int, progress: bool = False, desc: str = "features"
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(activations [B, T, d] float32, kept positions [B, T] bool) per batch of examples, in order:
+                 batch_size: int, progress: bool = False, desc: str = "features", by_length: bool = False
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(activations [B, T, d] float32, kept positions [B, T] bool, example indices [B]) per batch:
     each example is read as BOS + text (cut to max_tokens) and keeps the positions the coder was
-    trained on (saelab.activations.rows.kept_rows). Refuses an example with no kept token."""
+    trained on (saelab.activations.rows.kept_rows). Examples come in order, or with by_length
+    sorted by token count (stable), so a batch pads little. Refuses an example with no kept token."""
     tok = loaded.tokenizer
     bos = [tok.bos_token_id] if positions.prepend_bos and tok.bos_token_id is not None else []
     ctxs = []
@@ -73,13 +74,15 @@ def kept_batches(texts: list[str], loaded: LoadedModel, hp: HookPoint, positions
         if not ids:
             raise ValueError(f"example {i} ({t[:40]!r}) has no tokens")
         ctxs.append(Context(bos + ids, i, 0))
+    if by_length:
+        ctxs.sort(key=lambda c: len(c.ids))
     for batch in tqdm(batches(ctxs, batch_size, tok.pad_token_id), total=-(-len(ctxs) // batch_size),
                       desc=desc, disable=not progress, leave=False):
         kept = kept_rows(loaded.model, [hp], batch, tok, positions)
         if not kept.keep.any(1).all():
             i = int(batch.doc[~kept.keep.any(1).cpu()][0])
             raise ValueError(f"example {i} ({texts[i][:40]!r}) has no token the coder reads (all excluded)")
-        yield kept.full[hp].float(), kept.keep
+        yield kept.full[hp].float(), kept.keep, batch.doc
 
 
 @torch.no_grad()
@@ -90,7 +93,10 @@ def compute_features(texts: list[str], loaded: LoadedModel, hp: HookPoint, sae: 
     taken at the last kept token and averaged over all kept tokens."""
     xs: dict[str, list] = {p: [] for p in POOLS}
     zs: dict[str, list] = {p: [] for p in POOLS}
-    for acts, keep in kept_batches(texts, loaded, hp, positions, max_tokens, batch_size, progress, desc):
+    order = []
+    for acts, keep, idx in kept_batches(texts, loaded, hp, positions, max_tokens, batch_size, progress, desc,
+                                        by_length=True):
+        order.append(idx)
         row, col = keep.nonzero(as_tuple=True)
         z = sae.encode(acts[keep])  # [tokens, width], in (row, position) order
         n = keep.sum(1)  # kept tokens per example
@@ -100,8 +106,9 @@ def compute_features(texts: list[str], loaded: LoadedModel, hp: HookPoint, sae: 
         w = (1.0 / n.float())[row][:, None]
         xs["mean"].append(torch.zeros_like(acts[:, 0]).index_add_(0, row, acts[keep] * w).cpu())
         zs["mean"].append(sp.csr_matrix(z.new_zeros(keep.shape[0], z.shape[1]).index_add_(0, row, z * w).cpu().numpy()))
-    return {p: Features(torch.cat(xs[p]).numpy().astype(np.float32), sp.vstack(zs[p]).tocsr().astype(np.float32), p)
-            for p in POOLS}
+    inv = torch.argsort(torch.cat(order)).numpy()  # back to the texts' order
+    return {p: Features(torch.cat(xs[p]).numpy().astype(np.float32)[inv],
+                        sp.vstack(zs[p]).tocsr().astype(np.float32)[inv], p) for p in POOLS}
 
 
 def save_features(path: Path, f: Features) -> None:

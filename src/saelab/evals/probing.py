@@ -64,7 +64,7 @@ def pooled_features(texts: list[str], loaded: LoadedModel, hp: HookPoint, sae: S
     CPU, mean-pooled over the kept tokens (the coder's `positions`; pool="mean") or taken at the last
     kept token (pool="last")."""
     xs, zs = [], []
-    for acts, keep in kept_batches(texts, loaded, hp, positions, max_tokens, batch_size, progress, desc):
+    for acts, keep, _ in kept_batches(texts, loaded, hp, positions, max_tokens, batch_size, progress, desc):
         if pool == "last":  # the last kept position of each row
             pos = torch.arange(keep.shape[1], device=keep.device).expand_as(keep).masked_fill(~keep, -1).max(1).values
             keep = torch.zeros_like(keep)

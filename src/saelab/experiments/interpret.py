@@ -113,8 +113,9 @@ class InterpretConfig(StageConfig):
 
 DEFINITIONS = {
     "detection_balanced_accuracy": "(TPR + TNR) / 2 of the scorer's Yes/No answers on held-out contexts, one per "
-                                   "prompt: activating (quantile sample) vs random and hard (neighbour-firing) "
-                                   "non-activating ones; parse failures left out and counted (delphi detection)",
+                                   "prompt: activating (quantile sample) vs random, hard (neighbour-firing) and "
+                                   "similar (nearest by sentence embedding) non-activating ones; parse failures left "
+                                   "out and counted (delphi detection)",
     "detection_auroc": "AUROC of P(Yes) / (P(Yes) + P(No)) from the first answer token's top log-probabilities; "
                        "absent when the backend gives none",
     "fuzzing_balanced_accuracy": "held-out activating contexts with the truly activating tokens marked vs as many "
@@ -183,7 +184,10 @@ def interpret_coder(cfg: InterpretConfig, sae: SparseCoder, loaded: LoadedModel,
                 "bottom_scores": [round(v, 3) for v in ll.bottom_scores[i].tolist()]} for i, j in enumerate(latents)}
     p = plan(state, latents, neighbours, cfg.sampling, cfg.seed)
     windows = read_windows(cfg.examples, sae, loaded, hp, positions, ctx_len, p.requests, progress)
-    sets = assemble(p, windows, neighbours, neighbour_cos, cfg.sampling, cfg.seed)
+    fmt = Formatter(tok, cfg.explain.threshold)
+    encoder = encoder or SentenceEncoder()  # similar negatives, the embedding scorer, label agreement, decoder test
+    sets = assemble(p, windows, neighbours, neighbour_cos, cfg.sampling, cfg.seed,
+                    embed=lambda ws: encoder.encode([fmt.text(w) for w in ws]))
     t["windows"] = time.perf_counter()
 
     llms = llms or {}
@@ -194,7 +198,6 @@ def interpret_coder(cfg: InterpretConfig, sae: SparseCoder, loaded: LoadedModel,
     scorer = llms.get("scorer")
     if scorer is None:
         scorer = explainer if cfg.scorer is None else make_llm(cfg.scorer_cfg, dev, _cache(cfg.scorer_cfg, out))
-    fmt = Formatter(tok, cfg.explain.threshold)
     exps = explain(sets, fmt, explainer, cfg.explain)
     labels: dict[str, dict[int, str]] = {}
     for name in {n for j in exps for n in exps[j]}:
@@ -223,7 +226,6 @@ def interpret_coder(cfg: InterpretConfig, sae: SparseCoder, loaded: LoadedModel,
     per: dict[str, dict[int, dict[str, Any]]] = {n: {j: {} for j in latents} for n in scored}
     for job, resp in zip(jobs, responses, strict=True):
         per[job.name][job.latent][job.scorer] = summarize(job, resp, sc, cfg.seed, scorer.gives_logprobs)
-    encoder = encoder or SentenceEncoder()  # also for label agreement and the decoder-direction test
     if "embedding" in sc.scorers:
         for name in scored:
             for j, e in embedding_scores(sets, labels[name], encoder, fmt, sc.bootstrap, cfg.seed).items():
@@ -272,7 +274,7 @@ def interpret_coder(cfg: InterpretConfig, sae: SparseCoder, loaded: LoadedModel,
             "logit_lens": lens[j],
             "domains": _domains(s),
             "examples": {"explain": len(s.explain), "test": len(s.test), "negatives": len(s.negatives),
-                         "hard_negatives": len(s.hard)},
+                         "hard_negatives": len(s.hard), "similar_negatives": len(s.similar)},
         })
     t["end"] = time.perf_counter()
     return {"state": state, "latents": latents, "eligible": int(len(elig)), "records": records, "per": per,
@@ -424,6 +426,7 @@ def windows_file(core: dict[str, Any], tokenizer) -> dict[str, Any]:
                        "test": [w(x) | {"band": b} for x, b in zip(s.test, s.test_band, strict=True)],
                        "negatives": [w(x) for x in s.negatives],
                        "hard_negatives": [w(x) | {"neighbour": b} for x, b in zip(s.hard, s.hard_from, strict=True)],
+                       "similar_negatives": [w(x) for x in s.similar],
                        "top": [w(x) for x in s.top], "answers": answers}
     return out
 

@@ -214,9 +214,15 @@ class ExampleState:
         first, _, _ = segment_topk(cols * n_ctx + c, vals, 1)
         lat, val, ctx, pos = cols[first], vals[first].float(), c[first] + ctx0, p[first]
         self.fire_contexts.index_add_(0, lat, torch.ones_like(lat))
-        _merge_rows([self.top_val, self.top_ctx, self.top_pos], lat, [val, ctx, pos])
+        # an entry can only enter a full table by beating its last (smallest) score, and an equal score
+        # ranks after the entries already there: the rest are dropped before the merge, which then
+        # sorts only the few latents whose tables change (once tables fill, most entries fail)
+        new = val > self.top_val[lat, -1]
+        _merge_rows([self.top_val, self.top_ctx, self.top_pos], lat[new], [val[new], ctx[new], pos[new]])
         pri = unit_hash(lat, ctx, self.seed)
-        _merge_rows([self.res_pri, self.res_val, self.res_ctx, self.res_pos], lat, [pri, val, ctx, pos])
+        new = pri > self.res_pri[lat, -1]
+        _merge_rows([self.res_pri, self.res_val, self.res_ctx, self.res_pos], lat[new],
+                    [pri[new], val[new], ctx[new], pos[new]])
         if self.pool:
             gctx, gpos = kctx.long() + ctx0, kpos.long()
             pp = unit_hash(gctx, gpos, self.seed + 0x5BD1E995)

@@ -53,6 +53,9 @@ class ExplainConfig(Config):
                              "maximum (delphi: 0.3)")
     show_activations: bool = Field(True, description="list the marked tokens' activations as ceil(10 a / max)")
     max_tokens: int = Field(60, gt=0, description="tokens an explanation may take")
+    prefill: str = Field("[EXPLANATION]:", description="the start of the explainer's answer, written for it (local "
+                         "backend; the openai backend does not send it): the model continues with the label. '' "
+                         "lets it write freely (SmolLM2-135M then never writes the tag: 16 of 16 unparsed)")
     token_list: int = Field(3, gt=0, description="tokens named by the token-list explainer")
 
 
@@ -157,12 +160,12 @@ def explain_requests(s: LatentSet, fmt: Formatter, cfg: ExplainConfig, prompt: s
         for k, ws in enumerate(s.contrast.values(), 1):
             bmax = max([w.max_act for w in ws] + [1e-9])
             body += f"\n\nExamples of similar feature {k} (not this one):\n" + fmt.examples(ws, bmax, False)
-    return Request.chat(SYSTEM[prompt], body, max_tokens=cfg.max_tokens)
+    return Request.chat(SYSTEM[prompt], body, max_tokens=cfg.max_tokens, prefill=cfg.prefill)
 
 
 def consensus_request(labels: list[str], cfg: ExplainConfig) -> Request:
     body = "Descriptions:\n" + "\n".join(f"{i}. {x}" for i, x in enumerate(labels, 1))
-    return Request.chat(CONSENSUS_SYSTEM, body, max_tokens=cfg.max_tokens)
+    return Request.chat(CONSENSUS_SYSTEM, body, max_tokens=cfg.max_tokens, prefill=cfg.prefill)
 
 
 _TAG = re.compile(r"\[?EXPLANATION\]?\s*:\s*(.+)", re.I)

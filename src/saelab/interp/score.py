@@ -194,7 +194,7 @@ class Job:
 
 def detection_job(s: LatentSet, label: str, name: str, fmt: Formatter, cfg: ScoreConfig) -> Job:
     items = [(w, 1, "activating") for w in s.test] + [(w, 0, "random") for w in s.negatives] + \
-        [(w, 0, "hard") for w in s.hard]
+        [(w, 0, "hard") for w in s.hard] + [(w, 0, "similar") for w in s.similar]
     reqs = [_chat(DETECT_SYSTEM, DETECT_SHOTS, f"Feature: {label}\nExample: {fmt.text(w)}", 1, cfg.top_logprobs)
             for w, _, _ in items]
     return Job(s.latent, name, "detection", reqs, [(y, kind, w.source) for w, y, kind in items])
@@ -380,8 +380,8 @@ def embedding_scores(sets: dict[int, LatentSet], labels: dict[int, str], encoder
     """AUROC of cos(explanation, context) for held-out activating vs non-activating contexts, per latent."""
     out = {}
     for j, s in sets.items():
-        wins = s.test + s.negatives + s.hard
-        y = np.array([1] * len(s.test) + [0] * (len(s.negatives) + len(s.hard)))
+        wins = s.test + s.negatives + s.hard + s.similar
+        y = np.array([1] * len(s.test) + [0] * (len(s.negatives) + len(s.hard) + len(s.similar)))
         e = encoder.encode([labels[j]] + [fmt.text(w) for w in wins])
         sim = (e[1:] @ e[0]).numpy().astype(np.float64)
         out[j] = {"n": len(wins), "auroc": auroc(y, sim), "auroc_ci95": stratified_ci(y, sim, auroc, n_boot,

@@ -12,6 +12,11 @@ a small local scorer; docs/interp.md says where they differ):
   `non_activating_source="random"`);
 - hard negatives: held-out windows where one of its decoder-nearest latents fires and it is
   silent (delphi `"neighbours"` with `neighbours_type="decoder_similarity"`);
+- similar negatives: held-out silent pool windows nearest in sentence-embedding space to its
+  strongest explanation examples (delphi `non_activating_source="FAISS"`,
+  `latents/constructors.py::faiss_non_activation_windows`: for each of the first 10 activating
+  examples in turn, its nearest non-activating windows until enough are collected), disjoint
+  from the random negatives;
 - contrast: its neighbours' strongest explanation-side examples (for the contrastive prompt);
 - SAEBench's sets (evals/autointerp/main.py, `gather_data`): generation = 10 top + 5
   importance-sampled, scoring = 2 top + 2 importance-sampled + 10 random (here: random
@@ -22,6 +27,7 @@ a small local scorer; docs/interp.md says where they differ):
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +48,8 @@ class SamplingConfig(Config):
     negatives: int = Field(10, ge=0, description="held-out random non-activating examples (delphi: 50)")
     hard_negatives: int = Field(5, ge=0, description="held-out examples where a decoder-nearest latent fires and "
                                 "this one is silent")
+    similar_negatives: int = Field(5, ge=0, description="held-out silent contexts nearest in sentence-embedding "
+                                   "space to the latent's strongest examples (delphi's FAISS negatives)")
     neighbours: int = Field(3, ge=1, description="decoder-nearest latents used for contrast and hard negatives")
     contrast_examples: int = Field(3, ge=0, description="examples of each neighbour shown by the contrastive prompt")
     heldout_fraction: float = Field(0.5, gt=0, lt=1, description="fraction of contexts on the held-out side")
@@ -71,6 +79,7 @@ class LatentSet:
     neighbours: list[int]
     neighbour_cos: list[float]
     top: list[Window] = field(default_factory=list)
+    similar: list[Window] = field(default_factory=list)  # silent windows that read like its activating ones
 
     @property
     def max_act(self) -> float:
@@ -171,8 +180,29 @@ def plan(state: ExampleState, latents: list[int], neighbours: dict[int, list[int
     return p
 
 
+def similar_windows(queries: list[Window], candidates: list[Window], n: int,
+                    embed: Callable[[list[Window]], torch.Tensor]) -> list[Window]:
+    """n candidates nearest (cosine of unit embeddings) to the queries, taken query by query in
+    order (each query's nearest first, skipping ones already taken), as delphi's FAISS negatives."""
+    if n == 0 or not queries or not candidates:
+        return []
+    e = embed(queries + candidates)
+    sim = e[: len(queries)] @ e[len(queries):].t()  # [queries, candidates]
+    taken: list[int] = []
+    for row in sim:
+        for c in torch.argsort(row, descending=True, stable=True)[:n].tolist():
+            if c not in taken and len(taken) < n:
+                taken.append(c)
+        if len(taken) >= n:
+            break
+    return [candidates[c] for c in taken]
+
+
 def assemble(p: Plan, windows: list[Window], neighbours: dict[int, list[int]], neighbour_cos: dict[int, list[float]],
-             cfg: SamplingConfig, seed: int) -> dict[int, LatentSet]:
+             cfg: SamplingConfig, seed: int, embed: Callable[[list[Window]], torch.Tensor] | None = None
+             ) -> dict[int, LatentSet]:
+    """Each latent's LatentSet from the second pass's windows. embed (windows -> unit embeddings)
+    is needed for the similar negatives (none without it)."""
     out = {}
     for j, slots in p.slots.items():
         rng = random.Random(seed * 1_000_003 + j)
@@ -191,6 +221,8 @@ def assemble(p: Plan, windows: list[Window], neighbours: dict[int, list[int]], n
         negatives = silent_pool[:cfg.negatives]
         # SAEBench's random windows: other silent pool windows where there are enough, else the same ones
         rest = silent_pool[cfg.negatives:]
+        strongest = sorted((w for w, _ in get("explain")), key=lambda w: -w.max_act)[:10]
+        similar = similar_windows(strongest, rest, cfg.similar_negatives, embed) if embed else []
         sb_random = (rest if len(rest) >= cfg.saebench_random else silent_pool)[:cfg.saebench_random]
         out[j] = LatentSet(
             latent=j, explain=[w for w, _ in get("explain")], explain_band=[b for _, b in get("explain")],
@@ -200,5 +232,5 @@ def assemble(p: Plan, windows: list[Window], neighbours: dict[int, list[int]], n
             sb_score=[w for w, _ in get("sb_score")] + sb_random,
             sb_active=[True] * len(get("sb_score")) + [False] * len(sb_random),
             neighbours=neighbours.get(j, []), neighbour_cos=neighbour_cos.get(j, []),
-            top=[w for w, _ in get("top")])
+            top=[w for w, _ in get("top")], similar=similar)
     return out

@@ -40,6 +40,7 @@ class Request:
     temperature: float = 0.0  # 0: greedy
     top_logprobs: int = 0  # alternatives per generated token to return with their log-probabilities; 0: none
     seed: int = 0
+    prefill: str = ""  # the start of the answer, written for the model (a backend that can continues it)
 
     @classmethod
     def chat(cls, system: str | None, user: str, **kw) -> Request:
@@ -48,9 +49,11 @@ class Request:
 
     def key(self, backend: str) -> str:
         """The cache key: backend identity, prompt and sampling parameters."""
-        blob = json.dumps({"backend": backend, "messages": self.messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature, "top_logprobs": self.top_logprobs, "seed": self.seed},
-                          sort_keys=True)
+        d = {"backend": backend, "messages": self.messages, "max_tokens": self.max_tokens,
+             "temperature": self.temperature, "top_logprobs": self.top_logprobs, "seed": self.seed}
+        if self.prefill:  # only when set, so answers cached before the field existed keep their keys
+            d["prefill"] = self.prefill
+        blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -8,7 +8,9 @@ reused for every row, and the rows' suffixes are right-padded (a causal model ne
 ahead, so the padding changes nothing). Longer requests go through `generate` with left
 padding. Greedy at temperature 0; at temperature > 0 each request is sampled alone with its
 own seeded generator, so the answer does not depend on what it was batched with.
-Log-probabilities (with `top_logprobs` alternatives) come from the raw logits.
+Log-probabilities (with `top_logprobs` alternatives) come from the raw logits. A request's
+`prefill` is appended after the chat template's assistant header, the model continues it, and
+the answer's text starts with it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class LocalLLM(LLM):
     def prompt_ids(self, r: Request) -> list[int]:
         text = self.tok.apply_chat_template([{"role": role, "content": c} for role, c in r.messages],
                                             add_generation_prompt=True, tokenize=False)
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.tok(text + r.prefill, add_special_tokens=False)["input_ids"]
 
     def complete(self, requests: Sequence[Request], on_result: OnResult | None = None) -> list[Response]:
         ids = [self.prompt_ids(r) for r in requests]
@@ -175,7 +177,7 @@ class LocalLLM(LLM):
 
     def _response(self, toks: list[int], lp: torch.Tensor | None, req: Request, n_prompt: int) -> Response:
         ended = bool(toks) and toks[-1] in self.eos
-        text = self.tok.decode([t for t in toks if t not in self.eos], skip_special_tokens=True)
+        text = req.prefill + self.tok.decode([t for t in toks if t not in self.eos], skip_special_tokens=True)
         logprobs = None
         if req.top_logprobs and lp is not None:
             logprobs = []

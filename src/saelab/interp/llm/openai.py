@@ -50,6 +50,8 @@ class OpenAILLM(LLM):
         return h
 
     def _body(self, r: Request) -> bytes:
+        # a request's prefill is not sent: servers differ in whether they continue a final assistant
+        # message, so the model writes the whole answer (and the parsers read it as usual)
         body = {"model": self.cfg.model, "messages": [{"role": role, "content": c} for role, c in r.messages],
                 "max_tokens": r.max_tokens, "temperature": r.temperature, "seed": r.seed}
         if r.top_logprobs:
