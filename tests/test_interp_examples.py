@@ -19,9 +19,9 @@ from saelab.interp.examples import (
     collect_examples,
     context_batches,
     documents,
+    first_max,
     quantile_bands,
     read_windows,
-    segment_topk,
     sparse_codes,
     unit_hash,
     window_bounds,
@@ -143,9 +143,8 @@ def test_windows_hold_the_latents_activations(tiny_loaded, text_jsonl):
 
 
 def test_helpers():
-    seg = torch.tensor([1, 0, 1, 1, 0])
-    idx, s, r = segment_topk(seg, torch.tensor([3.0, 1.0, 5.0, 3.0, 2.0]), 2)
-    assert list(zip(s.tolist(), idx.tolist(), r.tolist(), strict=True)) == [(0, 4, 0), (0, 1, 1), (1, 2, 0), (1, 0, 1)]
+    key = torch.tensor([1, 0, 1, 1, 0, 3, 3])  # key 2 absent; key 3 has two equal maxima
+    assert first_max(key, torch.tensor([3.0, 1.0, 5.0, 3.0, 2.0, 4.0, 4.0]), 4).tolist() == [4, 2, 5]
     assert window_bounds(30, 1, 64, 16, 12) == (18, 34)
     assert window_bounds(3, 1, 64, 16, 12) == (1, 17)
     assert window_bounds(62, 1, 64, 16, 12) == (48, 64)

@@ -17,9 +17,9 @@ without the model) and, for ALL latents at once, keeps
 - counts: tokens and contexts each latent fired on, the sum and the maximum of its activations.
 
 Per batch the coder's output is kept as its sparse entries only (row, latent, value); every
-update is a segmented top-k over those entries (sort by latent, then value), touching only
-the latents active in the batch, so the cost grows with tokens x k (active latents), never
-tokens x width. A dense `[rows, width]` matrix exists only inside `sparse_codes` for coders
+update reduces them to one entry per (latent, context) by scatter-max, drops the entries that
+cannot enter a latent's full table, and sorts only the short rows of the latents whose tables
+change, so the cost grows with tokens x k (active latents), never tokens x width. A dense `[rows, width]` matrix exists only inside `sparse_codes` for coders
 without a top-k encoder, one chunk of rows at a time.
 
 The state is checkpointed atomically every `checkpoint_every` batches (one safetensors file
@@ -115,18 +115,6 @@ def unit_hash(a: torch.Tensor, b: torch.Tensor | int, seed: int) -> torch.Tensor
     return _srl(h, 11).double() / float(1 << 53)
 
 
-def segment_topk(seg: torch.Tensor, score: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The m highest-scoring entries of each segment: (entry indices, their segment, their rank 0..m-1).
-
-    Ties keep the earlier entry first (both sorts are stable)."""
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(seg[order], stable=True)]
-    s = seg[order]
-    rank = torch.arange(s.numel(), device=s.device) - torch.searchsorted(s, s)
-    keep = rank < m
-    return order[keep], s[keep], rank[keep]
-
-
 def sparse_codes(sae: SparseCoder, x: torch.Tensor, chunk: int = 1024
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The coder's nonzero activations of x [rows, d] as (rows, latents, values) [nnz].
@@ -210,8 +198,7 @@ class ExampleState:
         self.fire_tokens.index_add_(0, cols, torch.ones_like(cols))
         self.act_sum.index_add_(0, cols, vals.double())
         self.act_max.scatter_reduce_(0, cols, vals.float(), "amax")
-        # one entry per (latent, context): its maximum, at its first position
-        first, _, _ = segment_topk(cols * n_ctx + c, vals, 1)
+        first = first_max(cols * n_ctx + c, vals, self.width * n_ctx)  # one entry per (latent, context)
         lat, val, ctx, pos = cols[first], vals[first].float(), c[first] + ctx0, p[first]
         self.fire_contexts.index_add_(0, lat, torch.ones_like(lat))
         # an entry can only enter a full table by beating its last (smallest) score, and an equal score
@@ -290,21 +277,39 @@ class ExampleState:
                    excluded={k: int(v) for k, v in excluded.items()}, complete=meta["complete"] == "1")
 
 
+def first_max(key: torch.Tensor, vals: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Per distinct key in [0, n_keys), the index of its entry with the largest value (the earliest
+    of equal ones), in key order: two scatter-reductions, no sort."""
+    vmax = torch.full((n_keys,), NEG_INF, dtype=vals.dtype).scatter_reduce_(0, key, vals, "amax")
+    at_max = vals == vmax[key]
+    idx = torch.arange(key.numel(), device=key.device)
+    first = torch.full((n_keys,), key.numel(), dtype=torch.long).scatter_reduce_(0, key[at_max], idx[at_max], "amin")
+    return first[first < key.numel()]
+
+
 def _merge_rows(tables: list[torch.Tensor], lat: torch.Tensor, new: list[torch.Tensor]) -> None:
     """Merge entries (latent lat, score new[0], payload new[1:]) into per-latent tables [width, m]
-    kept sorted by score (tables[0]), descending; only the latents in `lat` are touched."""
+    kept sorted by score (tables[0]), descending; only the latents in `lat` are touched. Each
+    touched row gets its new entries appended after its m slots (in order of appearance) and the
+    short rows are sorted at once (stable: on equal scores the entries already there stay first)."""
     if lat.numel() == 0:
         return
     m = tables[0].shape[1]
-    U, inv = torch.unique(lat, return_inverse=True)
-    seg = torch.cat([torch.arange(U.numel()).repeat_interleave(m), inv])
-    cat = [torch.cat([t[U].reshape(-1), n.to(t.dtype)]) for t, n in zip(tables, new, strict=True)]
-    idx, s, rank = segment_topk(seg, cat[0], m)
-    for t, values in zip(tables, cat, strict=True):
+    U, inv, counts = torch.unique(lat, return_inverse=True, return_counts=True)
+    grouped = torch.argsort(inv, stable=True)
+    slot = torch.empty_like(inv)
+    slot[grouped] = torch.arange(inv.numel()) - (torch.cumsum(counts, 0) - counts)[inv[grouped]]
+    width = m + int(counts.max())
+    blocks = []
+    for t, values in zip(tables, new, strict=True):
         fill = NEG_INF if t is tables[0] else (-1 if not t.dtype.is_floating_point else 0.0)
-        block = torch.full((U.numel(), m), fill, dtype=t.dtype)
-        block[s, rank] = values[idx]
-        t[U] = block
+        b = torch.full((U.numel(), width), fill, dtype=t.dtype)
+        b[:, :m] = t[U]
+        b[inv, m + slot] = values.to(t.dtype)
+        blocks.append(b)
+    order = torch.sort(blocks[0], dim=1, descending=True, stable=True).indices[:, :m]
+    for t, b in zip(tables, blocks, strict=True):
+        t[U] = b.gather(1, order)
 
 
 # --- the context stream ----------------------------------------------------------------------------
