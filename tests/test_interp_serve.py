@@ -109,7 +109,7 @@ def test_interpret_through_transformers_serve(served, char_run, tiny_loaded, tex
         examples=ExamplesConfig(text=str(text_jsonl), split="train", tokens=3000, batch_size=8, n_top=10,
                                 reservoir=20, pool=32, window=12, lead=8),
         sampling=SamplingConfig(n_bands=1, explain_per_band=3, test_per_band=1, negatives=1, hard_negatives=0,
-                                neighbours=1, contrast_examples=1),
+                                similar_negatives=0, neighbours=1, contrast_examples=1),
         explainer=llm, explain={"prompts": ["default"], "consensus": False, "max_tokens": 16},
         score={"scorers": ["detection"], "bootstrap": 50}, score_labels=["default"])
     r = interpret(cfg, loaded=tiny_loaded, progress=False)
