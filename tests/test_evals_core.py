@@ -180,6 +180,46 @@ def test_ce_from_a_shared_prefix_in_chunks_equals_five_full_passes(trained, tiny
     assert got["ce_zero"] != got["ce_sae"] != got["ce_clean"]
 
 
+def test_the_one_position_zero_ablation_is_checked_and_falls_back(trained, tiny_model_dir, tiny_loaded, text_jsonl,
+                                                                   caplog):
+    """At a residual hook the all-positions zero ablation comes from one position. In a model whose
+    output under a constant residual depends on the position (here a position ramp added after the
+    final norm, as attention sinks would do) the shortcut is wrong, the check sees it and the eval
+    runs full passes: every number still equals five full passes."""
+    from saelab.data.tokens import keep_mask
+    from saelab.evals.core import scored_positions, zero_all_ce, zero_all_is_constant
+    from saelab.evals.metrics import ce_chunk_rows
+    from saelab.models.hooks import final_norm, record, unembed
+
+    sae, _ = load_sae(trained.checkpoint_dir)
+    cfg = _eval(trained, tiny_model_dir, text_jsonl)
+    hp, model = HookPoint(1, "resid_post"), tiny_loaded.model
+    head, rows = (lambda h: unembed(model, h)), ce_chunk_rows(model.config.vocab_size)
+    batch = next(iter(validation_batches(cfg, tiny_loaded, Positions())))
+    keep, _ = keep_mask(batch, tiny_loaded.tokenizer, Positions())
+    score = scored_positions(batch, keep)
+    with record(model, [hp]) as rec:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    args = (model, hp, rec[hp], batch.input_ids, batch.attention_mask, score, head, rows)
+    assert zero_all_is_constant(*args)
+    handle = final_norm(model).register_forward_hook(
+        lambda m, i, out: out + 0.5 * torch.arange(out.shape[1], dtype=out.dtype)[:, None] / out.shape[1])
+    try:
+        assert not zero_all_is_constant(*args)
+        mean_act = torch.randn(32) * 0.1
+        want = _reference_ce(sae, tiny_loaded, hp, validation_batches(cfg, tiny_loaded, Positions()), 600, mean_act)
+        with caplog.at_level("INFO", logger="saelab.evals.core"):
+            got = ce_metrics(sae, tiny_loaded, hp, validation_batches(cfg, tiny_loaded, Positions()), 600, False,
+                             mean_act=mean_act)
+        assert "depends on the position" in caplog.text
+        assert got["ce_zero_all_positions"] == pytest.approx(want["zero_all"], rel=1e-5)
+        targets = batch.input_ids[:, 1:][score]  # the shortcut itself would have been off
+        shortcut = float(zero_all_ce(model, hp, rec[hp], batch.input_ids, targets, head).mean())
+        assert abs(shortcut - want["zero_all"]) > 1e-3
+    finally:
+        handle.remove()
+
+
 def test_ce_eval_memory_stays_bounded_with_a_huge_vocabulary(tmp_path, text_jsonl):
     """A 250k-token vocabulary (Gemma's size) at batch 16 x 64: whole logits would be 1 GB a pass
     and the five-pass eval held ~5 of them (>4 GB measured as first written); streamed, the peak

@@ -8,6 +8,7 @@ from saelab.models.hooks import (
     HookPoint,
     arch_of,
     capture,
+    constant_resid_hidden,
     final_hidden,
     final_norm,
     forward_from,
@@ -120,6 +121,23 @@ def test_identity_splice_leaves_logits_bit_identical(family):
     for kind in KINDS:  # and a real change at any point changes the output
         if not (kind == "resid_mid" and _parallel(model)):
             assert not torch.equal(clean, run_with_patch(model, HookPoint(1, kind), lambda x: x * 1.5, ids, mask)), kind
+
+
+def test_a_constant_residual_gives_every_position_the_same_output(family):
+    """The residual at a resid hook set to one vector c at every position (the all-positions zero
+    ablation has c = 0): every real position of a full pass ends in the state one position
+    computes (`constant_resid_hidden`), in every family, padded rows and RoPE included. A
+    non-zero c, so biases and norms are exercised rather than zeros staying zeros."""
+    name, model = family
+    if name == "bert":
+        return
+    ids, mask = _ids(4)
+    c = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    for hp in (HookPoint(0, "resid_pre"), HookPoint(1, "resid_post")):
+        full = forward_from(model, hp, c.expand(*ids.shape, 32), ids, mask, hidden=True)  # [B, T, d]
+        one = constant_resid_hidden(model, hp, c, ids)  # [d]
+        assert torch.allclose(full[mask.bool()], one.expand_as(full[mask.bool()]), atol=1e-5, rtol=1e-4), hp
+        assert not torch.allclose(one, torch.zeros_like(one)), hp
 
 
 def test_forward_from_a_cached_residual_equals_the_full_pass(family):

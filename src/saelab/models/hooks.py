@@ -389,3 +389,17 @@ def hidden_patched_from(model: nn.Module, hp: HookPoint, prefix: torch.Tensor,
         return forward_from(model, hp, fn(prefix), input_ids, attention_mask, hidden=True)
     with replace(model, hp, fn):
         return forward_from(model, base, prefix, input_ids, attention_mask, hidden=True)
+
+
+@torch.no_grad()
+def constant_resid_hidden(model: nn.Module, hp: HookPoint, value: torch.Tensor, input_ids: torch.Tensor
+                          ) -> torch.Tensor:
+    """The final hidden state [d] of one position when the residual at hp (resid_pre / resid_post)
+    is `value` [d] at every position (the all-positions zero ablation: value = 0). Every position
+    then reads identical keys and values above hp, and attention whose weights sum to one returns
+    that same value whatever its weights, RoPE and masks included, so every position ends in the
+    same state: one position computes it. Models for which that fails (attention sinks, position
+    terms added above the input) exist, so a caller checks it once against a full pass
+    (saelab.evals.core.ce_metrics does). input_ids [batch, seq]: its first token stands in (its
+    embedding is discarded)."""
+    return forward_from(model, hp, value.reshape(1, 1, -1), input_ids[:1, :1], None, hidden=True)[0, 0]
