@@ -224,3 +224,26 @@ def test_local_backend_continues_a_prefill(tiny_model_dir):
     assert out.text[len("[EXPLANATION]:"):].startswith(loaded.tokenizer.decode([first])[:1] or "")
     assert parse_explanation(out.text)[1] or not out.text[len("[EXPLANATION]:"):].strip()
     assert pre.key("b") != plain.key("b") and plain.key("b") == Request.chat(None, "describe it", max_tokens=4).key("b")
+
+
+def test_the_local_backend_runs_bf16_only_where_the_cpu_computes_it(tiny_model_dir, monkeypatch, tmp_path):
+    """dtype 'auto' (the default) loads the explainer in bfloat16 only on a CPU with native bf16
+    (AVX512-BF16): emulated, a bf16 matmul ran ~150x slower than float32 on an AVX2-only CPU, and
+    the quickstart's interpretation stage with it. The cache identity names the dtype that runs."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from saelab.interp.llm.local import LocalLLM
+
+    d = tmp_path / "chat"
+    shutil.copytree(tiny_model_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(d)
+    assert LLMConfig().dtype == "auto"
+    for native, want in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
+        llm = LocalLLM(LLMConfig(model=str(d)))
+        assert str(next(llm.loaded.model.parameters()).dtype) == f"torch.{want}"
+        assert llm.identity.endswith(f":{want}")

@@ -119,7 +119,10 @@ class LLMConfig(Config):
     backoff: float = Field(1.0, ge=0, description="openai: seconds before the first retry (doubled each time, at "
                            "most 60)")
     batch_size: int = Field(8, gt=0, description="local: prompts per batch")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="local: model dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="local: model dtype; 'auto' = bfloat16 where the device computes it natively (a GPU "
+        "that supports it, a CPU with AVX512-BF16), else float32 (emulated bf16 matmuls ran ~150x slower than "
+        "float32 on an AVX2-only CPU)")
     cache: str = Field("", description="SQLite cache file of every call (default: beside the results, "
                        "RUN/interp/llm_cache.sqlite); 'none' turns it off")
 

@@ -31,13 +31,16 @@ class LocalLLM(LLM):
 
     def __init__(self, cfg: LLMConfig, device: str = "cpu", loaded=None):
         from saelab.models.load import load_model
+        from saelab.saes.sparse_ops import select_dtype
 
         self.cfg = cfg
-        self.loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=device)
+        dtype = str(select_dtype(cfg.dtype, device)).removeprefix("torch.")
+        self.loaded = loaded or load_model(cfg.model, dtype=dtype, device=device)
+        dtype = str(next(self.loaded.model.parameters()).dtype).removeprefix("torch.")  # what runs, if given one
         self.tok = self.loaded.tokenizer
         if not getattr(self.tok, "chat_template", None):
             raise LLMError(f"model {cfg.model!r} has no chat template; the local backend needs an instruct/chat model")
-        self.identity = f"local:{self.loaded.content_hash}:{cfg.dtype}"
+        self.identity = f"local:{self.loaded.content_hash}:{dtype}"
         self.eos = {i for i in [self.tok.eos_token_id, *self._generation_eos()] if i is not None}
         self._prefix: tuple[tuple[int, ...], object] | None = None  # the last shared prefix and its KV cache
         # the KV-cache argument is `cache` from transformers 5.2x, `past_key_values` before
