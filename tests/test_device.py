@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.device import check_fits, describe, dist_backend, peak_memory_bytes, resolve_device
-from saelab.saes.sparse_ops import select_dtype, selected_values
+from saelab.device import (
+    check_fits,
+    describe,
+    dist_backend,
+    peak_memory_bytes,
+    resolve_device,
+    select_dtype,
+)
+from saelab.saes.sparse_ops import selected_values
 from saelab.train.trainer import TrainConfig, train_bytes
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "saelab"

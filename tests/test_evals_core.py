@@ -187,7 +187,7 @@ def test_the_one_position_zero_ablation_is_checked_and_falls_back(trained, tiny_
     final norm, as attention sinks would do) the shortcut is wrong, the check sees it and the eval
     runs full passes: every number still equals five full passes."""
     from saelab.data.tokens import keep_mask
-    from saelab.evals.core import scored_positions, zero_all_ce, zero_all_is_constant
+    from saelab.evals.core import checked_zero_all_logprobs, scored_positions, zero_all_logprobs
     from saelab.evals.metrics import ce_chunk_rows
     from saelab.models.hooks import final_norm, record, unembed
 
@@ -201,11 +201,11 @@ def test_the_one_position_zero_ablation_is_checked_and_falls_back(trained, tiny_
     with record(model, [hp]) as rec:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     args = (model, hp, rec[hp], batch.input_ids, batch.attention_mask, score, head, rows)
-    assert zero_all_is_constant(*args)
+    assert checked_zero_all_logprobs(*args) is not None
     handle = final_norm(model).register_forward_hook(
         lambda m, i, out: out + 0.5 * torch.arange(out.shape[1], dtype=out.dtype)[:, None] / out.shape[1])
     try:
-        assert not zero_all_is_constant(*args)
+        assert checked_zero_all_logprobs(*args) is None
         mean_act = torch.randn(32) * 0.1
         want = _reference_ce(sae, tiny_loaded, hp, validation_batches(cfg, tiny_loaded, Positions()), 600, mean_act)
         with caplog.at_level("INFO", logger="saelab.evals.core"):
@@ -214,7 +214,7 @@ def test_the_one_position_zero_ablation_is_checked_and_falls_back(trained, tiny_
         assert "depends on the position" in caplog.text
         assert got["ce_zero_all_positions"] == pytest.approx(want["zero_all"], rel=1e-5)
         targets = batch.input_ids[:, 1:][score]  # the shortcut itself would have been off
-        shortcut = float(zero_all_ce(model, hp, rec[hp], batch.input_ids, targets, head).mean())
+        shortcut = float(-zero_all_logprobs(model, hp, rec[hp], batch.input_ids, head)[targets].mean())
         assert abs(shortcut - want["zero_all"]) > 1e-3
     finally:
         handle.remove()

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from saelab.device import select_dtype
 from saelab.saes import ARCHITECTURES, build_sae, load_sae
 from saelab.saes.base import LossContext, geometric_median
 from saelab.saes.config import ARCHITECTURE_NAMES, SAEConfig
@@ -9,7 +10,6 @@ from saelab.saes.panneal import p_at
 from saelab.saes.sparse_ops import (
     batch_topk_encode,
     ragged_decode,
-    select_dtype,
     sparse_decode,
     topk_encode,
     topk_indices,

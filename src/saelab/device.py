@@ -17,7 +17,23 @@ import sys
 
 import torch
 
+from saelab.io import DTYPES
+
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+
+
+def select_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """A dtype that runs fast on `device` (top-k selection, the local explainer LLM). 'auto' on CPU: bfloat16
+    where the CPU has AVX512-BF16 (the bf16 matmul runs ~2.2x float32 there, making the whole
+    step ~1.6x faster), float32 elsewhere (emulated bf16 is slower than float32: ~150x for a
+    [64, 576] x [576, 49152] matmul on an AVX2-only AMD EPYC). 'auto' on CUDA: bfloat16 where the GPU supports it
+    (tensor cores), else float32; the CPU's test is never applied to a GPU."""
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if native else torch.float32
+    return DTYPES[name]
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

@@ -326,33 +326,33 @@ def baseline_key(cfg: CoreConfig, loaded: LoadedModel, hp: HookPoint, positions:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def zero_all_ce(model, hp: HookPoint, prefix: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
-                head) -> torch.Tensor:
-    """Per-token CE [n] of targets [n] with the residual hook hp zeroed at every position (the
-    SAELens convention), from one position: the residual is then the same at every position, and
-    so is every position's output (`constant_resid_hidden`); one unembedding serves all targets."""
+def zero_all_logprobs(model, hp: HookPoint, prefix: torch.Tensor, ids: torch.Tensor, head) -> torch.Tensor:
+    """Next-token log-probabilities [vocab] at every position with the residual hook hp zeroed at
+    every position (the SAELens convention), from one position: the residual is then the same at
+    every position, and so is every position's output (`constant_resid_hidden`). It depends on
+    no token, so one serves every batch of an eval."""
     h = constant_resid_hidden(model, hp, prefix.new_zeros(prefix.shape[-1]), ids)  # [d]
-    return -torch.log_softmax(head(h[None]).float(), -1)[0, targets]
+    return torch.log_softmax(head(h[None]).float(), -1)[0]
 
 
-def zero_all_is_constant(model, hp: HookPoint, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                         score: torch.Tensor, head, rows: int) -> bool:
-    """Whether `zero_all_ce` equals a full zero-ablated pass on the batch's most-scored row
-    (within 1e-3 relative in float32, 1e-2 in 16-bit dtypes): false for a model whose output
-    under a constant residual still depends on the position (attention sinks, a position term
-    added above the hook), which then gets full passes."""
+def checked_zero_all_logprobs(model, hp: HookPoint, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                              score: torch.Tensor, head, rows: int) -> torch.Tensor | None:
+    """`zero_all_logprobs` if its CE equals a full zero-ablated pass on the batch's most-scored row
+    (within 1e-3 relative in float32, 1e-2 in 16-bit dtypes), else None: a model whose output under
+    a constant residual still depends on the position (attention sinks, a position term added
+    above the hook) then gets full passes."""
     i = int(score.sum(1).argmax())
     r = slice(i, i + 1)
     t = ids[r, 1:][score[r]]
     full = chunked_ce_kl(hidden_patched_from(model, hp, prefix[r], torch.zeros_like, ids[r], mask[r])[:, :-1][score[r]],
                          t, head, chunk_rows=rows)[0]
-    fast = zero_all_ce(model, hp, prefix, ids, t, head)
+    logp = zero_all_logprobs(model, hp, prefix, ids, head)
     tol = 1e-3 if prefix.dtype == torch.float32 else 1e-2
-    same = bool(torch.allclose(fast, full, rtol=tol, atol=tol))
-    if not same:
-        log.info("CE eval: the all-positions zero ablation at %s depends on the position in this model "
-                 "(max |difference| %.3g nats): full passes", hp, float((fast - full).abs().max()))
-    return same
+    if torch.allclose(-logp[t], full, rtol=tol, atol=tol):
+        return logp
+    log.info("CE eval: the all-positions zero ablation at %s depends on the position in this model "
+             "(max |difference| %.3g nats): full passes", hp, float((-logp[t] - full).abs().max()))
+    return None
 
 
 @torch.no_grad()
@@ -368,8 +368,8 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
     not five times. Passes return final hidden states, and CE / KL are computed from them in
     row chunks (`chunked_ce_kl`): no [batch, ctx, vocab] logits tensor is ever whole, so memory
     beyond the model stays bounded for any vocabulary. At a residual hook the all-positions zero
-    ablation is one position's pass (`zero_all_ce`), checked once per eval against a full pass
-    (`zero_all_is_constant`). Given a `baseline`, its batches replace
+    ablation is one position's pass (`zero_all_logprobs`), checked once per eval against a full
+    pass (`checked_zero_all_logprobs`). Given a `baseline`, its batches replace
     the clean and ablated passes where their token ids match, and the ones computed are put in it."""
     model = loaded.model
     if model.get_output_embeddings() is None:
@@ -381,7 +381,8 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
     device = loaded.device
     ablations = ("zero", "zero_all", "mean") if mean_act is not None else ("zero", "zero_all")
     sums = dict.fromkeys(("clean", "sae", "zero", "zero_all", "mean", "kl"), 0.0)
-    constant = None if hp.kind in ("resid_pre", "resid_post") else False
+    to_check = hp.kind in ("resid_pre", "resid_post")  # zero_all may come from one position
+    zero_all_lp = None  # [vocab] once checked
     n = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="eval CE/KL", disable=not progress)
     for i, batch in enumerate(stream):
@@ -410,12 +411,13 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
             with record(model, [base]) as rec:
                 h_clean = final_hidden(model, ids, mask)[:, :-1][score]  # [tokens, d]
             prefix = rec[base]  # [B, T, d] the clean residual the patched passes start from
-            if constant is None:  # once per eval: may zero_all come from one position? (see zero_all_ce)
-                constant = zero_all_is_constant(model, hp, prefix, ids, mask, score, head, rows)
+            if to_check:  # once per eval
+                zero_all_lp = checked_zero_all_logprobs(model, hp, prefix, ids, mask, score, head, rows)
+                to_check = False
             ablated = {}
             for k in ablations:
-                if k == "zero_all" and constant:
-                    ablated[k] = float(zero_all_ce(model, hp, prefix, ids, targets, head).sum())
+                if k == "zero_all" and zero_all_lp is not None:
+                    ablated[k] = float(-zero_all_lp[targets].sum())
                 else:
                     h_k = hidden_patched_from(model, hp, prefix, patches[k], ids, mask)[:, :-1][score]
                     ablated[k] = float(chunked_ce_kl(h_k, targets, head, chunk_rows=rows)[0].sum())

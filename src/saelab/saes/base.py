@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from saelab.device import select_dtype
 from saelab.io import atomic_write, read_json, write_json
 from saelab.saes.config import SAEConfig
-from saelab.saes.sparse_ops import SPARSE_MAX_DENSITY, select_dtype, threshold_entries
+from saelab.saes.sparse_ops import SPARSE_MAX_DENSITY, threshold_entries
 
 FORMAT = "saelab.sae/1"
 

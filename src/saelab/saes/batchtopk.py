@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from saelab.device import select_dtype
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
 from saelab.saes.config import SAEConfig
-from saelab.saes.sparse_ops import batch_topk_encode, ragged_decode, select_dtype
+from saelab.saes.sparse_ops import batch_topk_encode, ragged_decode
 from saelab.saes.topk import auxk_loss, dead_latents, dead_pre_acts
 
 THRESHOLD_EMA = 0.99

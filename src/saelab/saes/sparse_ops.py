@@ -15,22 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from saelab.io import DTYPES
-
-
-def select_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """The dtype for top-k selection (and the local explainer LLM's). 'auto' on CPU: bfloat16
-    where the CPU has AVX512-BF16 (the bf16 matmul runs ~2.2x float32 there, making the whole
-    step ~1.6x faster), float32 elsewhere (emulated bf16 is slower than float32: ~150x for a
-    [64, 576] x [576, 49152] matmul on an AVX2-only AMD EPYC). 'auto' on CUDA: bfloat16 where the GPU supports it
-    (tensor cores), else float32; the CPU's test is never applied to a GPU."""
-    if name == "auto":
-        if torch.device(device).type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return torch.bfloat16 if native else torch.float32
-    return DTYPES[name]
-
 
 def fused_kernels(t: torch.Tensor) -> bool:
     """Whether to use the CPU-tuned kernels (the private per-sample-weights backward, grouped

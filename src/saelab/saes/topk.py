@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from saelab.device import select_dtype
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
-from saelab.saes.sparse_ops import select_dtype, sparse_decode, topk_encode
+from saelab.saes.sparse_ops import sparse_decode, topk_encode
 
 DENSE_AUX_RATIO = 6  # up to this many dead latents per aux_k slot, decode AuxK densely. Measured
 # (d 576, batch 4096, aux_k 288; AuxK forward + backward): 300 dead 77 vs 201 ms sparse, 1000 dead

@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 
 from saelab.config import StageConfig
 from saelab.data.tokens import Positions
-from saelab.device import check_fits, describe, peak_memory_bytes, reset_peak, resolve_device
+from saelab.device import (
+    check_fits,
+    describe,
+    peak_memory_bytes,
+    reset_peak,
+    resolve_device,
+    select_dtype,
+)
 from saelab.io import atomic_write
 from saelab.runs.ledger import check_ledger, record
 from saelab.runs.results import TrainResult
@@ -31,7 +38,6 @@ from saelab.runs.rundir import RunDir
 from saelab.saes import build_sae
 from saelab.saes.base import LossContext, geometric_median
 from saelab.saes.config import SAEConfig
-from saelab.saes.sparse_ops import select_dtype
 from saelab.train.data import StorePair
 from saelab.train.dist import Dist, from_env
 

@@ -30,13 +30,13 @@ class LocalLLM(LLM):
     gives_logprobs = True
 
     def __init__(self, cfg: LLMConfig, device: str = "cpu", loaded=None):
+        from saelab.device import select_dtype
         from saelab.models.load import load_model
-        from saelab.saes.sparse_ops import select_dtype
 
         self.cfg = cfg
-        dtype = str(select_dtype(cfg.dtype, device)).removeprefix("torch.")
-        self.loaded = loaded or load_model(cfg.model, dtype=dtype, device=device)
-        dtype = str(next(self.loaded.model.parameters()).dtype).removeprefix("torch.")  # what runs, if given one
+        self.loaded = loaded or load_model(cfg.model, dtype=str(select_dtype(cfg.dtype, device)).removeprefix("torch."),
+                                           device=device)
+        dtype = str(next(self.loaded.model.parameters()).dtype).removeprefix("torch.")  # what runs
         self.tok = self.loaded.tokenizer
         if not getattr(self.tok, "chat_template", None):
             raise LLMError(f"model {cfg.model!r} has no chat template; the local backend needs an instruct/chat model")
