@@ -180,14 +180,16 @@ def test_ce_from_a_shared_prefix_in_chunks_equals_five_full_passes(trained, tiny
     assert got["ce_zero"] != got["ce_sae"] != got["ce_clean"]
 
 
-def test_the_one_position_zero_ablation_is_checked_and_falls_back(trained, tiny_model_dir, tiny_loaded, text_jsonl,
-                                                                   caplog):
-    """At a residual hook the all-positions zero ablation comes from one position. In a model whose
-    output under a constant residual depends on the position (here a position ramp added after the
-    final norm, as attention sinks would do) the shortcut is wrong, the check sees it and the eval
-    runs full passes: every number still equals five full passes."""
+def test_the_shared_ablation_contexts_are_checked_and_fall_back(trained, tiny_model_dir, tiny_loaded, text_jsonl,
+                                                                caplog):
+    """At a residual hook each ablation's CE comes from one context standing for every row
+    (`AblatedCE`). It equals full passes, also with a row left clean mid-context (a special
+    token: that row gets its own pass). In a model whose tokens also enter above the hook (here
+    the token's embedding added after the final norm, as per-layer token embeddings would do)
+    the shortcut is wrong; the check sees it and the eval runs full passes, so every number still
+    equals five full passes, where the shortcut alone would be off."""
     from saelab.data.tokens import keep_mask
-    from saelab.evals.core import checked_zero_all_logprobs, scored_positions, zero_all_logprobs
+    from saelab.evals.core import AblatedCE, scored_positions
     from saelab.evals.metrics import ce_chunk_rows
     from saelab.models.hooks import final_norm, record, unembed
 
@@ -195,29 +197,52 @@ def test_the_one_position_zero_ablation_is_checked_and_falls_back(trained, tiny_
     cfg = _eval(trained, tiny_model_dir, text_jsonl)
     hp, model = HookPoint(1, "resid_post"), tiny_loaded.model
     head, rows = (lambda h: unembed(model, h)), ce_chunk_rows(model.config.vocab_size)
+    mean_act = torch.randn(32) * 0.1
+    values = {"zero": torch.zeros(32), "zero_all": torch.zeros(32), "mean": mean_act}
     batch = next(iter(validation_batches(cfg, tiny_loaded, Positions())))
     keep, _ = keep_mask(batch, tiny_loaded.tokenizer, Positions())
+    keep[0, 5] = False  # as if a special token mid-context
     score = scored_positions(batch, keep)
-    with record(model, [hp]) as rec:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    args = (model, hp, rec[hp], batch.input_ids, batch.attention_mask, score, head, rows)
-    assert checked_zero_all_logprobs(*args) is not None
-    handle = final_norm(model).register_forward_hook(
-        lambda m, i, out: out + 0.5 * torch.arange(out.shape[1], dtype=out.dtype)[:, None] / out.shape[1])
+    ids, mask = batch.input_ids, batch.attention_mask
+
+    def sums(trusted=None):
+        p = AblatedCE(model, hp, head, rows, values)
+        if trusted is not None:
+            p.trusted = dict.fromkeys(values, trusted)
+        with record(model, [hp]) as rec:
+            model(input_ids=ids, attention_mask=mask)
+        return p.sums(rec[hp], ids, mask, keep, score), p
+
+    full, _ = sums(trusted=False)
+    got, p = sums()
+    assert p.trusted == dict.fromkeys(values, True)
+    assert len(p.reps) == 3  # one context per ablation: every row but row 0 shared one
+    for k in values:
+        assert got[k] == pytest.approx(full[k], rel=1e-5), k
+    assert got["zero"] != got["mean"] != got["zero_all"]
+
+    term = {}
+    pre = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: term.update(ids=a[0]))
+    post = final_norm(model).register_forward_hook(
+        lambda m, i, out: out + 1000 * model.get_input_embeddings().weight[term["ids"]].to(out.dtype))
     try:
-        assert checked_zero_all_logprobs(*args) is None
-        mean_act = torch.randn(32) * 0.1
+        full, _ = sums(trusted=False)
+        got, p = sums()
+        assert p.trusted == dict.fromkeys(values, False)
+        for k in values:
+            assert got[k] == pytest.approx(full[k], rel=1e-6), k
+        off, _ = sums(trusted=True)  # the shortcut itself would have been off
+        assert all(abs(off[k] - full[k]) > 1e-3 * abs(full[k]) for k in values), (off, full)
         want = _reference_ce(sae, tiny_loaded, hp, validation_batches(cfg, tiny_loaded, Positions()), 600, mean_act)
         with caplog.at_level("INFO", logger="saelab.evals.core"):
             got = ce_metrics(sae, tiny_loaded, hp, validation_batches(cfg, tiny_loaded, Positions()), 600, False,
                              mean_act=mean_act)
-        assert "depends on the position" in caplog.text
-        assert got["ce_zero_all_positions"] == pytest.approx(want["zero_all"], rel=1e-5)
-        targets = batch.input_ids[:, 1:][score]  # the shortcut itself would have been off
-        shortcut = float(-zero_all_logprobs(model, hp, rec[hp], batch.input_ids, head)[targets].mean())
-        assert abs(shortcut - want["zero_all"]) > 1e-3
+        assert "depends on more than the position" in caplog.text
+        for k, name in (("zero", "ce_zero"), ("zero_all", "ce_zero_all_positions"), ("mean", "ce_mean")):
+            assert got[name] == pytest.approx(want[k], rel=1e-5), name
     finally:
-        handle.remove()
+        pre.remove()
+        post.remove()
 
 
 def test_ce_eval_memory_stays_bounded_with_a_huge_vocabulary(tmp_path, text_jsonl):

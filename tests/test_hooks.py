@@ -8,12 +8,12 @@ from saelab.models.hooks import (
     HookPoint,
     arch_of,
     capture,
-    constant_resid_hidden,
     final_hidden,
     final_norm,
     forward_from,
     hidden_patched_from,
     mlp_fn,
+    position_only_hidden,
     prefix_point,
     record,
     replace,
@@ -123,21 +123,30 @@ def test_identity_splice_leaves_logits_bit_identical(family):
             assert not torch.equal(clean, run_with_patch(model, HookPoint(1, kind), lambda x: x * 1.5, ids, mask)), kind
 
 
-def test_a_constant_residual_gives_every_position_the_same_output(family):
-    """The residual at a resid hook set to one vector c at every position (the all-positions zero
-    ablation has c = 0): every real position of a full pass ends in the state one position
-    computes (`constant_resid_hidden`), in every family, padded rows and RoPE included. A
-    non-zero c, so biases and norms are exercised rather than zeros staying zeros."""
+def test_a_context_set_past_its_first_token_depends_on_the_position_alone(family):
+    """The residual at a resid hook set to one vector c at every position, or at every position
+    but the first (a clean first token, as the core eval's ablations keep BOS): every real
+    position t of every row of a full pass, whatever its tokens, ends in the state one context
+    computes at t (`position_only_hidden`), in every family, padded rows and RoPE included.
+    Non-zero vectors, so biases and norms are exercised; with a distinct first position the
+    states differ by position (the shortcut is not a constant)."""
     name, model = family
     if name == "bert":
         return
     ids, mask = _ids(4)
-    c = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    c, first = torch.randn(32, generator=g), torch.randn(32, generator=g) * 3
+    m = mask.bool()
     for hp in (HookPoint(0, "resid_pre"), HookPoint(1, "resid_post")):
-        full = forward_from(model, hp, c.expand(*ids.shape, 32), ids, mask, hidden=True)  # [B, T, d]
-        one = constant_resid_hidden(model, hp, c, ids)  # [d]
-        assert torch.allclose(full[mask.bool()], one.expand_as(full[mask.bool()]), atol=1e-5, rtol=1e-4), hp
-        assert not torch.allclose(one, torch.zeros_like(one)), hp
+        for f in (None, first):
+            resid = c.expand(*ids.shape, 32).clone()
+            if f is not None:
+                resid[:, 0] = f
+            full = forward_from(model, hp, resid, ids, mask, hidden=True)  # [B, T, d]
+            one = position_only_hidden(model, hp, c, ids.shape[1], f, first_id=7)  # [T, d]
+            assert torch.allclose(full[m], one.expand_as(full)[m], atol=1e-5, rtol=1e-4), (hp, f is None)
+            assert not torch.allclose(one, torch.zeros_like(one)), hp
+        assert not torch.allclose(one[1], one[-1], atol=1e-4), (name, hp)
 
 
 def test_forward_from_a_cached_residual_equals_the_full_pass(family):

@@ -49,9 +49,9 @@ from saelab.evals.metrics import (
 from saelab.hookpoints import HookPoint
 from saelab.io import atomic_write, read_json, sha256_file, write_json
 from saelab.models.hooks import (
-    constant_resid_hidden,
     final_hidden,
     hidden_patched_from,
+    position_only_hidden,
     prefix_point,
     record,
     unembed,
@@ -326,33 +326,90 @@ def baseline_key(cfg: CoreConfig, loaded: LoadedModel, hp: HookPoint, positions:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def zero_all_logprobs(model, hp: HookPoint, prefix: torch.Tensor, ids: torch.Tensor, head) -> torch.Tensor:
-    """Next-token log-probabilities [vocab] at every position with the residual hook hp zeroed at
-    every position (the SAELens convention), from one position: the residual is then the same at
-    every position, and so is every position's output (`constant_resid_hidden`). It depends on
-    no token, so one serves every batch of an eval."""
-    h = constant_resid_hidden(model, hp, prefix.new_zeros(prefix.shape[-1]), ids)  # [d]
-    return torch.log_softmax(head(h[None]).float(), -1)[0]
+class AblatedCE:
+    """The ablated passes' CE sums of one eval: zero at the kept positions ("zero"), zero at every
+    position, BOS included ("zero_all", SAELens' convention) and the mean at the kept positions
+    ("mean"). values: ablation -> the value [d] put at its positions.
 
+    At a residual hook a row ablated along its first t + 1 positions, a clean first token aside,
+    ends position t in a state that depends on t and that token alone (`position_only_hidden`):
+    one context per ablation and first token stands for every such row, and one unembedding of its
+    positions serves every target, instead of a [batch, ctx] pass of the blocks above the hook and
+    a [batch x ctx, vocab] unembedding per batch. Rows with other clean positions (a special token
+    mid-context) and hooks inside a block get their own passes. Each ablation's shortcut is checked
+    once per eval against a full pass of a real row (1e-3 relative in float32, 1e-2 in 16-bit);
+    where it fails (tokens entering above the hook) that ablation runs full passes."""
 
-def checked_zero_all_logprobs(model, hp: HookPoint, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                              score: torch.Tensor, head, rows: int) -> torch.Tensor | None:
-    """`zero_all_logprobs` if its CE equals a full zero-ablated pass on the batch's most-scored row
-    (within 1e-3 relative in float32, 1e-2 in 16-bit dtypes), else None: a model whose output under
-    a constant residual still depends on the position (attention sinks, a position term added
-    above the hook) then gets full passes."""
-    i = int(score.sum(1).argmax())
-    r = slice(i, i + 1)
-    t = ids[r, 1:][score[r]]
-    full = chunked_ce_kl(hidden_patched_from(model, hp, prefix[r], torch.zeros_like, ids[r], mask[r])[:, :-1][score[r]],
-                         t, head, chunk_rows=rows)[0]
-    logp = zero_all_logprobs(model, hp, prefix, ids, head)
-    tol = 1e-3 if prefix.dtype == torch.float32 else 1e-2
-    if torch.allclose(-logp[t], full, rtol=tol, atol=tol):
-        return logp
-    log.info("CE eval: the all-positions zero ablation at %s depends on the position in this model "
-             "(max |difference| %.3g nats): full passes", hp, float((-logp[t] - full).abs().max()))
-    return None
+    def __init__(self, model, hp: HookPoint, head, rows: int, values: dict[str, torch.Tensor]):
+        self.model, self.hp, self.head, self.rows, self.values = model, hp, head, rows, values
+        resid = hp.kind in ("resid_pre", "resid_post")
+        self.trusted: dict[str, bool | None] = {k: None if resid else False for k in values}  # None: unchecked
+        self.reps: dict[tuple[str, int | None], torch.Tensor] = {}  # (ablation, clean first token) -> [T, d]
+
+    def sums(self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
+             score: torch.Tensor) -> dict[str, float]:
+        """CE summed over the scored positions [B, T-1] of one batch, per ablation. prefix [B, T, d]:
+        the clean residual at prefix_point(hp); keep [B, T]: the positions "zero" and "mean" ablate."""
+        return {k: self._sum(k, torch.ones_like(keep) if k == "zero_all" else keep, prefix, ids, mask, score)
+                for k in self.values}
+
+    def _full(self, k: str, patched: torch.Tensor, prefix, ids, mask, score, r: torch.Tensor) -> torch.Tensor:
+        """Per-token CE [n] of rows r from full patched passes of the blocks above the prefix."""
+        value = self.values[k]
+
+        def patch(x):  # x: [len(r), T, d]
+            y = x.clone()
+            y[patched[r]] = value.to(x.dtype)
+            return y
+        h = hidden_patched_from(self.model, self.hp, prefix[r], patch, ids[r], mask[r])[:, :-1][score[r]]
+        return chunked_ce_kl(h, ids[r, 1:][score[r]], self.head, chunk_rows=self.rows)[0]
+
+    def _shared(self, k: str, first: torch.Tensor | None, first_id: int | None, t: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+        """Per-token CE [n] at positions t [n] from the one context standing for these rows."""
+        seq = int(t.max()) + 1
+        h = self.reps.get((k, first_id))
+        if h is None or h.shape[0] < seq:
+            h = position_only_hidden(self.model, self.hp, self.values[k], seq, first, first_id or 0)  # [seq, d]
+            self.reps[(k, first_id)] = h
+        ce = torch.empty(t.shape[0], dtype=torch.float32, device=t.device)
+        for s in range(0, seq, self.rows):
+            sel = (t >= s) & (t < s + self.rows)
+            if sel.any():
+                logp = torch.log_softmax(self.head(h[s:s + self.rows]).float(), -1)  # [rows, vocab]
+                ce[sel] = -logp[t[sel] - s, targets[sel]]
+        return ce
+
+    def _sum(self, k: str, patched: torch.Tensor, prefix, ids, mask, score) -> float:
+        n_scored = score.sum(1)  # [B]
+        last = torch.where(score, torch.arange(score.shape[1], device=score.device), -1).max(1).values  # [B]
+        rest = [r for r in range(ids.shape[0]) if n_scored[r] > 0]
+        groups: dict[int | None, list[int]] = {}
+        if self.trusted[k] is not False:
+            for r in rest:
+                if bool(patched[r, 1:int(last[r]) + 1].all()):
+                    groups.setdefault(None if bool(patched[r, 0]) else int(ids[r, 0]), []).append(r)
+        total = 0.0
+        for first_id, group in groups.items():
+            g = torch.tensor(group, device=ids.device)
+            t = score[g].nonzero()[:, 1]  # [n] row-major, as [score] indexing orders them
+            ce = self._shared(k, None if first_id is None else prefix[group[0], 0], first_id, t, ids[g, 1:][score[g]])
+            if self.trusted[k] is None:  # once per eval: against a full pass of this group's most-scored row
+                i = int(n_scored[g].argmax())
+                full = self._full(k, patched, prefix, ids, mask, score, g[i:i + 1])
+                mine = ce[int(n_scored[g][:i].sum()):][:full.shape[0]]
+                tol = 1e-3 if prefix.dtype == torch.float32 else 1e-2
+                self.trusted[k] = bool(torch.allclose(mine, full, rtol=tol, atol=tol))
+                if not self.trusted[k]:
+                    log.info("CE eval: the %s ablation at %s depends on more than the position in this model "
+                             "(max |difference| %.3g nats): full passes", k, self.hp, float((mine - full).abs().max()))
+            if not self.trusted[k]:
+                break
+            total += float(ce.sum())
+            rest = [r for r in rest if r not in set(group)]
+        if rest:
+            total += float(self._full(k, patched, prefix, ids, mask, score, torch.tensor(rest, device=ids.device)).sum())
+        return total
 
 
 @torch.no_grad()
@@ -367,9 +424,9 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
     (`prefix_point`); each patched pass starts from it, so the blocks below the hook run once,
     not five times. Passes return final hidden states, and CE / KL are computed from them in
     row chunks (`chunked_ce_kl`): no [batch, ctx, vocab] logits tensor is ever whole, so memory
-    beyond the model stays bounded for any vocabulary. At a residual hook the all-positions zero
-    ablation is one position's pass (`zero_all_logprobs`), checked once per eval against a full
-    pass (`checked_zero_all_logprobs`). Given a `baseline`, its batches replace
+    beyond the model stays bounded for any vocabulary. At a residual hook each ablation is one
+    short context's pass for every row (`AblatedCE`), checked once per eval against a full pass.
+    Given a `baseline`, its batches replace
     the clean and ablated passes where their token ids match, and the ones computed are put in it."""
     model = loaded.model
     if model.get_output_embeddings() is None:
@@ -379,10 +436,11 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
     rows = ce_chunk_rows(model.get_output_embeddings().weight.shape[0])
     base = prefix_point(hp)
     device = loaded.device
-    ablations = ("zero", "zero_all", "mean") if mean_act is not None else ("zero", "zero_all")
+    zero = torch.zeros(sae.cfg.d_in, device=device)
+    values = {"zero": zero, "zero_all": zero, **({"mean": mean_act} if mean_act is not None else {})}
+    ablations = tuple(values)
+    passes = AblatedCE(model, hp, head, rows, values)
     sums = dict.fromkeys(("clean", "sae", "zero", "zero_all", "mean", "kl"), 0.0)
-    to_check = hp.kind in ("resid_pre", "resid_post")  # zero_all may come from one position
-    zero_all_lp = None  # [vocab] once checked
     n = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="eval CE/KL", disable=not progress)
     for i, batch in enumerate(stream):
@@ -393,6 +451,18 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
         score = scored_positions(batch, keep)  # [B, T-1]
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         targets = ids[:, 1:][score]
+        cached = baseline.get(i, batch.input_ids) if baseline is not None else None
+        if cached is not None:
+            prefix, h_clean = cached["prefix"].to(device), cached["h_clean"].to(device)
+            ablated = dict(zip(ablations, cached["sums"].tolist(), strict=True))
+        else:
+            with record(model, [base]) as rec:
+                h_clean = final_hidden(model, ids, mask)[:, :-1][score]  # [tokens, d]
+            prefix = rec[base]  # [B, T, d] the clean residual the patched passes start from
+            ablated = passes.sums(prefix, ids, mask, keep, score)
+            if baseline is not None:
+                baseline.put(i, {"ids": batch.input_ids, "prefix": prefix, "h_clean": h_clean,
+                                 "sums": torch.tensor([ablated[k] for k in ablations], dtype=torch.float64)})
 
         def splice(fn, keep=keep):
             def patch(x):  # x: [B, T, d]
@@ -401,29 +471,6 @@ def ce_metrics(sae: SparseCoder, loaded: LoadedModel, hp: HookPoint, stream, n_t
                 return y
             return patch
 
-        cached = baseline.get(i, batch.input_ids) if baseline is not None else None
-        if cached is not None:
-            prefix, h_clean = cached["prefix"].to(device), cached["h_clean"].to(device)
-            ablated = dict(zip(ablations, cached["sums"].tolist(), strict=True))
-        else:
-            patches = {"zero": splice(torch.zeros_like), "zero_all": torch.zeros_like,  # zero_all: every position,
-                       "mean": splice(lambda x: mean_act.expand_as(x))}  # BOS included (SAELens)
-            with record(model, [base]) as rec:
-                h_clean = final_hidden(model, ids, mask)[:, :-1][score]  # [tokens, d]
-            prefix = rec[base]  # [B, T, d] the clean residual the patched passes start from
-            if to_check:  # once per eval
-                zero_all_lp = checked_zero_all_logprobs(model, hp, prefix, ids, mask, score, head, rows)
-                to_check = False
-            ablated = {}
-            for k in ablations:
-                if k == "zero_all" and zero_all_lp is not None:
-                    ablated[k] = float(-zero_all_lp[targets].sum())
-                else:
-                    h_k = hidden_patched_from(model, hp, prefix, patches[k], ids, mask)[:, :-1][score]
-                    ablated[k] = float(chunked_ce_kl(h_k, targets, head, chunk_rows=rows)[0].sum())
-            if baseline is not None:
-                baseline.put(i, {"ids": batch.input_ids, "prefix": prefix, "h_clean": h_clean,
-                                 "sums": torch.tensor([ablated[k] for k in ablations], dtype=torch.float64)})
         h = hidden_patched_from(model, hp, prefix, splice(sae.reconstruct), ids, mask)[:, :-1][score]
         ce, ce_clean, kl = chunked_ce_kl(h, targets, head, h_clean, rows)  # [tokens] each
         sums["sae"] += float(ce.sum())

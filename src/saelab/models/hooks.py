@@ -392,14 +392,18 @@ def hidden_patched_from(model: nn.Module, hp: HookPoint, prefix: torch.Tensor,
 
 
 @torch.no_grad()
-def constant_resid_hidden(model: nn.Module, hp: HookPoint, value: torch.Tensor, input_ids: torch.Tensor
-                          ) -> torch.Tensor:
-    """The final hidden state [d] of one position when the residual at hp (resid_pre / resid_post)
-    is `value` [d] at every position (the all-positions zero ablation: value = 0). Every position
-    then reads identical keys and values above hp, and attention whose weights sum to one returns
-    that same value whatever its weights, RoPE and masks included, so every position ends in the
-    same state: one position computes it. Models for which that fails (attention sinks, position
-    terms added above the input) exist, so a caller checks it once against a full pass
-    (saelab.evals.core.ce_metrics does). input_ids [batch, seq]: its first token stands in (its
-    embedding is discarded)."""
-    return forward_from(model, hp, value.reshape(1, 1, -1), input_ids[:1, :1], None, hidden=True)[0, 0]
+def position_only_hidden(model: nn.Module, hp: HookPoint, value: torch.Tensor, seq: int,
+                         first: torch.Tensor | None = None, first_id: int = 0) -> torch.Tensor:
+    """Final hidden states [seq, d] of one context whose residual at hp (resid_pre / resid_post) is
+    `value` [d] at every position, except `first` [d] at position 0 if given (a first token left
+    clean, as the core eval's ablations leave BOS). A decoder's tokens enter below hp and position
+    t sees only positions <= t, so any context whose residual at hp is set so along its first t + 1
+    positions ends position t in the state computed here, whatever its tokens: one context stands
+    for every row of an ablation. Models whose tokens also enter above hp exist (per-layer token
+    embeddings), so a caller checks it against a full pass (saelab.evals.core.AblatedCE does). The
+    token ids run are all `first_id` (their embedding is discarded)."""
+    resid = value.reshape(1, 1, -1).expand(1, seq, -1).clone()  # [1, seq, d]
+    if first is not None:
+        resid[0, 0] = first.to(resid.dtype)
+    ids = torch.full((1, seq), first_id, dtype=torch.long, device=value.device)
+    return forward_from(model, hp, resid, ids, None, hidden=True)[0]
