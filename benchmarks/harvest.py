@@ -6,7 +6,9 @@
    the ratio is conservative. Also with several hook points at that layer in one pass.
    Under a shared machine's noise the two timings can be compared more robustly inside one
    harvest: `--skip read --forward-share` times the forward (`capture`) calls within the
-   harvest itself and reports their share of its wall time (1 - share = the overhead).
+   harvest itself and reports their share of its wall time (1 - share = the overhead). Since
+   the store writes run on a background thread (2026-12-07) that work overlaps the forward, so
+   the share no longer isolates the overhead: compare wall times against the bare forward.
 2. Store read throughput: shuffled float32 batches/s and GB/s from iter_batches (with and
    without the prefetch thread) vs what the trainer consumes (tokens/s of `train` on the
    same store, TopK width 4608, k 32, batch 4096).

@@ -119,3 +119,44 @@ def test_aligned(tmp_path):
     with pytest.raises(StoreError, match="100 rows != 90 rows"):
         aligned(a, c, strict=True)
 
+
+
+def test_shard_bytes_are_a_safetensors_file_the_real_library_reads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    from saelab.activations.store import ShardBytes
+    from saelab.io import sha256_file
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        chunks = {"acts": [torch.randn(n, 5, generator=g).to(dtype) for n in (3, 0, 7, 1)],
+                  "tokens": [torch.arange(n, dtype=torch.int32) + 10 * n for n in (3, 0, 7, 1)]}
+        sb = ShardBytes(chunks)
+        path = tmp_path / f"{dtype}.safetensors"
+        with open(path, "wb") as f:
+            sb.write(f)
+        assert sb.sha256 == sha256_file(path)
+        got = load(path.read_bytes())
+        assert set(got) == {"acts", "tokens"}
+        for k, v in chunks.items():
+            assert got[k].dtype == v[0].dtype and torch.equal(got[k], torch.cat(v))
+        with safe_open(str(path), "pt") as f:
+            assert torch.equal(f.get_tensor("tokens"), torch.cat(chunks["tokens"]))
+
+
+def test_a_failed_shard_write_is_raised_and_the_shard_never_listed(tmp_path):
+    (tmp_path / "s" / "shard_00001.safetensors").mkdir(parents=True)  # the rename onto it fails
+    w = StoreWriter(tmp_path / "s", {"model": "m", "hook": "resid_post.0", "d_in": 4, "dtype": "float32",
+                                     "config_hash": "h"}, 32)
+    x = torch.randn(100, 4)
+    with pytest.raises(StoreError, match="writing an activation store failed"):
+        for c in range(0, 100, 10):
+            w.add(x[c:c + 10], torch.arange(10), torch.zeros(10), torch.arange(10), {}, contexts=1)
+        w.finish(["d"])
+    on_disk = ActivationStore(tmp_path / "s", allow_incomplete=True)
+    assert [s["file"] for s in on_disk.shards] == ["shard_00000.safetensors"] and on_disk.n_tokens == 40
+    assert torch.equal(on_disk.load_shard(0)["acts"], x[:40])
+    # the writer is usable again for the next store
+    store, _ = _write(tmp_path / "t")
+    assert store.n_tokens == 100

@@ -63,8 +63,13 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text.encode())
 
 
+def json_text(obj: Any) -> str:
+    """The text write_json writes for obj."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    write_text(path, json_text(obj))
 
 
 def read_json(path: str | Path) -> Any:

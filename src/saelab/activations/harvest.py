@@ -28,7 +28,14 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from saelab.activations.rows import kept_rows
-from saelab.activations.store import EXCLUDED, INDEX, ActivationStore, StoreError, StoreWriter
+from saelab.activations.store import (
+    EXCLUDED,
+    INDEX,
+    SHARD_WRITER,
+    ActivationStore,
+    StoreError,
+    StoreWriter,
+)
 from saelab.config import StageConfig
 from saelab.data.corpus import iter_documents
 from saelab.data.tokens import PositionFields, batches, budgeted, contexts, excluded_ids, shuffled
@@ -191,13 +198,17 @@ def _run(cfg: HarvestConfig, dirs: dict[str, Path], config_hash: str, loaded: Lo
                disable=not progress, smoothing=0.1)
     t0 = time.perf_counter()
     hooks = list(hps.values())
-    for batch in batches(itertools.islice(ctxs, skip, None), cfg.batch_size, tok.pad_token_id):
-        kept = kept_rows(model, hooks, batch, tok, positions)
-        b, t = kept.ctx.cpu(), kept.pos.cpu()  # rows: (context, position)
-        tokens, doc, pos = batch.input_ids[b, t], batch.doc[b], batch.start[b] + t - bos_offset
-        for h, w in writers.items():
-            w.add(kept.rows(hps[h]).cpu(), tokens, doc, pos, kept.counts, contexts=batch.input_ids.shape[0])
-        bar.update(len(b))
+    try:
+        for batch in batches(itertools.islice(ctxs, skip, None), cfg.batch_size, tok.pad_token_id):
+            kept = kept_rows(model, hooks, batch, tok, positions)
+            b, t = kept.ctx.cpu(), kept.pos.cpu()  # rows: (context, position)
+            tokens, doc, pos = batch.input_ids[b, t], batch.doc[b], batch.start[b] + t - bos_offset
+            for h, w in writers.items():
+                w.add(kept.rows(hps[h]).cpu(), tokens, doc, pos, kept.counts, contexts=batch.input_ids.shape[0])
+            bar.update(len(b))
+    except BaseException:
+        SHARD_WRITER.drain(raise_error=False)  # the flushes submitted before it land: a rerun resumes after them
+        raise
     bar.close()
     wall = time.perf_counter() - t0
     for w in writers.values():

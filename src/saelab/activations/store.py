@@ -20,8 +20,10 @@ import atexit
 import bisect
 import copy
 import hashlib
+import json
 import queue
 import random
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,9 +32,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from saelab.io import DTYPES, atomic_write, read_json, sha256_bytes, write_json
+from saelab.io import (
+    DTYPES,
+    atomic_write,
+    json_text,
+    read_json,
+    sha256_bytes,
+    write_json,
+    write_text,
+)
 
 INDEX = ("tokens", "doc", "pos")
 EXCLUDED = ("bos", "pad", "special", "listed")
@@ -52,6 +61,7 @@ class StoreWriter:
         """same(manifest): whether an existing manifest is this harvest's (default: equal config_hash)."""
         self.path = Path(path)
         self.shard_tokens = shard_tokens
+        SHARD_WRITER.drain(raise_error=False)  # an interrupted writer's last flushes land before we read
         manifest = self.path / "manifest.json"
         same = same or (lambda m: m.get("config_hash") == meta.get("config_hash"))
         if manifest.is_file():
@@ -68,11 +78,8 @@ class StoreWriter:
                              "excluded": dict.fromkeys(EXCLUDED, 0),
                              "stats": {"sum": [0.0] * d, "sum_norm": 0.0, "sum_sq_norm": 0.0},
                              "resume": {"contexts_done": 0}, "complete": False}
-        self._buf: dict[str, list[torch.Tensor]] = {"acts": [], "tokens": [], "doc": [], "pos": []}
-        self._buf_rows = 0
-        self._pending_excluded = dict.fromkeys(EXCLUDED, 0)
-        self._pending_contexts = 0
         self._dtype = DTYPES[self.manifest["dtype"]]
+        self._reset_buffer()  # the rows of the next shard, as the chunks they came in, and their sums
 
     @property
     def n_tokens(self) -> int:
@@ -85,11 +92,13 @@ class StoreWriter:
     def add(self, acts: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor,
             excluded: dict[str, int], contexts: int) -> None:
         """acts: [rows, d_in]; tokens, doc, pos: [rows]. `contexts` = contexts these came from."""
-        self._buf["acts"].append(acts.to(self._dtype).contiguous())
-        self._buf["tokens"].append(tokens.to(torch.int32))
-        self._buf["doc"].append(doc.to(torch.int32))
-        self._buf["pos"].append(pos.to(torch.int32))
+        acts = acts.to(self._dtype).contiguous()
+        self._buf["acts"].append(acts)
+        self._buf["tokens"].append(tokens.to(torch.int32).contiguous())
+        self._buf["doc"].append(doc.to(torch.int32).contiguous())
+        self._buf["pos"].append(pos.to(torch.int32).contiguous())
         self._buf_rows += acts.shape[0]
+        _add_stats(self._sums, acts)
         for k, v in excluded.items():
             self._pending_excluded[k] += v
         self._pending_contexts += contexts
@@ -97,27 +106,35 @@ class StoreWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Close the buffered rows into a shard: its bytes and checksum here, its write (temp file,
+        fsync, rename) and then the manifest's by the background writer (`SHARD_WRITER`), in order."""
         if self._buf_rows == 0 and self._pending_contexts == 0:
             return
         self.manifest["prev"] = copy.deepcopy({k: v for k, v in self.manifest.items() if k != "prev"})
+        shard = None
         if self._buf_rows:
-            tensors = {k: torch.cat(v) for k, v in self._buf.items()}
-            _add_stats(self.manifest["stats"], tensors["acts"])
+            stats = self.manifest["stats"]
+            stats["sum"] = (torch.tensor(stats["sum"], dtype=torch.float64) + self._sums["sum"]).tolist()
+            stats["sum_norm"] += float(self._sums["sum_norm"])
+            stats["sum_sq_norm"] += float(self._sums["sum_sq_norm"])
             i = len(self.manifest["shards"])
             name = f"shard_{i:05d}.safetensors"
-            blob = st_save(tensors)
-            with atomic_write(self.path / name) as f:
-                f.write(blob)
-            self.manifest["shards"].append({"file": name, "rows": self._buf_rows,
-                                            "sha256": sha256_bytes(blob)})
+            shard = ShardBytes(self._buf)
+            self.manifest["shards"].append({"file": name, "rows": self._buf_rows, "sha256": shard.sha256})
             self.manifest["n_tokens"] += self._buf_rows
+            shard = (self.path / name, shard)
         for k, v in self._pending_excluded.items():
             self.manifest["excluded"][k] = self.manifest["excluded"].get(k, 0) + v
         self.manifest["resume"]["contexts_done"] += self._pending_contexts
-        write_json(self.path / "manifest.json", self.manifest)
-        self._buf = {k: [] for k in self._buf}
+        SHARD_WRITER.submit(self.path, shard, json_text(self.manifest))
+        self._reset_buffer()
+
+    def _reset_buffer(self) -> None:
+        self._buf = {k: [] for k in ("acts", *INDEX)}
+        self._sums = {"sum": torch.zeros(int(self.manifest["d_in"]), dtype=torch.float64), "sum_norm": 0.0,
+                      "sum_sq_norm": 0.0}
         self._buf_rows = 0
-        self._pending_excluded = {k: 0 for k in self._pending_excluded}
+        self._pending_excluded = dict.fromkeys(EXCLUDED, 0)
         self._pending_contexts = 0
 
     def rollback(self, contexts_done: int) -> None:
@@ -131,10 +148,12 @@ class StoreWriter:
                              f"({self.contexts_done} contexts done, the others {contexts_done}); delete "
                              "the output directory and harvest again")
         self.manifest = prev
+        SHARD_WRITER.drain()
         write_json(self.path / "manifest.json", self.manifest)
 
     def finish(self, documents: list[str], extra: dict[str, Any] | None = None) -> ActivationStore:
         self.flush()
+        SHARD_WRITER.drain()
         write_json(self.path / "documents.json", documents)
         self.manifest.update(extra or {})
         self.manifest["rows_sha256"] = rows_sha256(self.path, self.manifest["shards"])
@@ -143,13 +162,105 @@ class StoreWriter:
         return ActivationStore(self.path)
 
 
-def _add_stats(stats: dict[str, Any], acts: torch.Tensor) -> None:
-    """Accumulate float64 sums for the mean and the norms of acts [rows, d_in]."""
-    a = acts.double()
-    norms = a.norm(dim=1)
-    stats["sum"] = (torch.tensor(stats["sum"], dtype=torch.float64) + a.sum(0)).tolist()
-    stats["sum_norm"] += float(norms.sum())
-    stats["sum_sq_norm"] += float((norms ** 2).sum())
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32"}
+
+
+class ShardBytes:
+    """A shard's safetensors file (8-byte little-endian header length, the JSON header padded
+    with spaces to 8 bytes, then each tensor's raw bytes) made from its tensors as the chunks
+    they were added in: no concatenated copy and no serialized copy of the rows is made, and
+    the sha256 is computed over the same bytes `write` writes. tensors: name -> chunks."""
+
+    def __init__(self, tensors: dict[str, list[torch.Tensor]]):
+        header, self.views, start = {}, [], 0
+        for name, chunks in tensors.items():
+            views = [c.reshape(-1).view(torch.uint8).numpy() for c in chunks]
+            size = sum(v.nbytes for v in views)
+            header[name] = {"dtype": SAFETENSORS_DTYPES[chunks[0].dtype],
+                            "shape": [sum(c.shape[0] for c in chunks), *chunks[0].shape[1:]],
+                            "data_offsets": [start, start + size]}
+            self.views += views
+            start += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(8 + len(text)) % 8)
+        self.head = struct.pack("<Q", len(text)) + text
+        h = hashlib.sha256(self.head)
+        for v in self.views:
+            h.update(v)
+        self.sha256 = h.hexdigest()
+
+    def write(self, f) -> None:
+        f.write(self.head)
+        for v in self.views:
+            f.write(v)
+
+
+class _ShardWriter:
+    """One background thread that writes every store's shards (temp file, fsync, rename) and then
+    the manifest listing them, in the order they were submitted, while the harvest's forward
+    passes go on: the waits on the disk leave the critical path. One FIFO for all stores keeps a
+    multi-hook harvest's stores at most one flush apart on disk if the process is killed (what
+    `StoreWriter.rollback` lines up). At most `max_pending` flushes wait (memory stays bounded);
+    a failed write is raised by the next submit or drain, and the flushes after it are dropped
+    (their shards are never listed)."""
+
+    def __init__(self, max_pending: int = 8):
+        self._q: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, store: Path, shard: tuple[Path, ShardBytes] | None, manifest: str) -> None:
+        self._raise()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, daemon=True, name="saelab store writer")
+            self._thread.start()
+        self._q.put((store, shard, manifest))
+
+    def wait(self) -> None:
+        """Wait until every submitted write is done (a reader in the writing process sees them)."""
+        if self._thread is not None:
+            self._q.join()
+
+    def drain(self, raise_error: bool = True) -> None:
+        """Wait; then raise the first failure (or, with raise_error=False, forget it: an
+        interrupted harvest whose own error is on its way up)."""
+        self.wait()
+        if raise_error:
+            self._raise()
+        self._error = None
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise StoreError(f"writing an activation store failed: {e}") from e
+
+    def _work(self) -> None:
+        while True:
+            store, shard, manifest = self._q.get()
+            try:
+                if self._error is None:
+                    if shard is not None:
+                        with atomic_write(shard[0]) as f:
+                            shard[1].write(f)
+                    write_text(store / "manifest.json", manifest)
+            except BaseException as e:  # raised in the harvest by its next submit or drain
+                self._error = e
+            finally:
+                self._q.task_done()
+
+
+SHARD_WRITER = _ShardWriter()
+atexit.register(SHARD_WRITER.drain, raise_error=False)
+
+
+def _add_stats(sums: dict[str, Any], acts: torch.Tensor) -> None:
+    """Accumulate the sums for the mean and the norms of acts [rows, d_in] (float64 accumulators;
+    the per-row squared norms are float32 sums of float32 squares, ~1e-7 relative)."""
+    a = acts.float()
+    sums["sum"] += a.sum(0, dtype=torch.float64)
+    sq = a.pow(2).sum(1)  # [rows]
+    sums["sum_norm"] += float(sq.sqrt().sum(dtype=torch.float64))
+    sums["sum_sq_norm"] += float(sq.sum(dtype=torch.float64))
 
 
 def rows_sha256(path: Path, shards: list[dict[str, Any]]) -> str:
@@ -186,6 +297,7 @@ class ActivationStore:
 
     def __init__(self, path: str | Path, allow_incomplete: bool = False):
         self.path = Path(path)
+        SHARD_WRITER.wait()
         mpath = self.path / "manifest.json"
         if not mpath.is_file():
             raise StoreError(f"{self.path} is not an activation store: {mpath} is missing "
