@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from saelab.interp.llm import LLM, OnResult, Request, Response
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS calls (
@@ -61,7 +63,11 @@ class CachedLLM(LLM):
             self.stats["hits"] += len(requests) - len(todo)
             self.stats["misses"] += len(todo)
 
+            bar = tqdm(total=len(todo), unit="call", desc="LLM calls",
+                       disable=not todo, leave=False)
+
             def store(j: int, resp: Response) -> None:  # commit each answer the moment it arrives
+                bar.update(1)
                 i = todo[j]
                 con.execute("INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?)",
                             (keys[i], self.identity, json.dumps(requests[i].__dict__), json.dumps(resp.to_dict()),
@@ -78,6 +84,7 @@ class CachedLLM(LLM):
                 for j, resp in enumerate(got):
                     if out[todo[j]] is None:  # a backend that returned it without reporting it
                         store(j, resp)
+            bar.close()
         finally:
             con.close()
         return out  # type: ignore[return-value]
