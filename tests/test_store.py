@@ -160,3 +160,54 @@ def test_a_failed_shard_write_is_raised_and_the_shard_never_listed(tmp_path):
     # the writer is usable again for the next store
     store, _ = _write(tmp_path / "t")
     assert store.n_tokens == 100
+
+
+def test_rows_given_as_a_view_of_a_reused_buffer_are_stored_as_they_were(tmp_path):
+    w = StoreWriter(tmp_path / "s", {"model": "m", "hook": "resid_post.0", "d_in": 4, "dtype": "float32",
+                                     "config_hash": "h"}, 8)
+    buf, want = torch.zeros(10, 4), []
+    for c in range(4):  # the caller refills one buffer and hands over slices of it
+        buf.fill_(float(c))
+        w.add(buf[:5], torch.arange(5), torch.zeros(5), torch.arange(5), {}, contexts=1)
+        want.append(torch.full((5, 4), float(c)))
+    store = w.finish(["d"])
+    assert torch.equal(store.all_acts(), torch.cat(want))
+
+
+def test_flushes_queued_behind_a_failed_write_are_dropped(tmp_path, monkeypatch):
+    import time
+
+    from saelab.activations.store import SHARD_WRITER, ShardBytes
+
+    real_write, real_get, calls = ShardBytes.write, SHARD_WRITER._q.get, []
+
+    def slow_then_fail(self, f):
+        calls.append(1)
+        if len(calls) == 2:  # the second shard: flushes queue up behind it, then it fails
+            time.sleep(0.2)
+            raise OSError("disk full")
+        real_write(self, f)
+
+    def slow_get(*a, **k):  # the writer takes its time to reach what was queued behind the failure
+        if SHARD_WRITER._error is not None:
+            time.sleep(0.5)
+        return real_get(*a, **k)
+
+    monkeypatch.setattr(ShardBytes, "write", slow_then_fail)
+    monkeypatch.setattr(SHARD_WRITER._q, "get", slow_get)
+    w = StoreWriter(tmp_path / "s", {"model": "m", "hook": "resid_post.0", "d_in": 4, "dtype": "float32",
+                                     "config_hash": "h"}, 10)
+    x = torch.randn(100, 4)
+
+    def add(c):
+        w.add(x[c:c + 10], torch.arange(10), torch.zeros(10), torch.arange(10), {}, contexts=1)
+
+    for c in (0, 10, 20):  # shards 0, 1 (fails), 2 (queued behind it)
+        add(c)
+    time.sleep(0.4)  # the failure has happened; shard 2 still waits in the queue
+    with pytest.raises(StoreError, match="disk full"):
+        add(30)  # the next flush reports it, and nothing queued behind it may land
+    on_disk = ActivationStore(tmp_path / "s", allow_incomplete=True)
+    assert [s["file"] for s in on_disk.shards] == ["shard_00000.safetensors"]
+    assert not (tmp_path / "s" / "shard_00002.safetensors").exists()
+    on_disk.verify()

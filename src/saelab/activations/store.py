@@ -24,6 +24,7 @@ import json
 import queue
 import random
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,7 +62,7 @@ class StoreWriter:
         """same(manifest): whether an existing manifest is this harvest's (default: equal config_hash)."""
         self.path = Path(path)
         self.shard_tokens = shard_tokens
-        SHARD_WRITER.drain(raise_error=False)  # an interrupted writer's last flushes land before we read
+        SHARD_WRITER.wait()  # an interrupted writer's last flushes land before we read
         manifest = self.path / "manifest.json"
         same = same or (lambda m: m.get("config_hash") == meta.get("config_hash"))
         if manifest.is_file():
@@ -91,12 +92,14 @@ class StoreWriter:
 
     def add(self, acts: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor,
             excluded: dict[str, int], contexts: int) -> None:
-        """acts: [rows, d_in]; tokens, doc, pos: [rows]. `contexts` = contexts these came from."""
-        acts = acts.to(self._dtype).contiguous()
+        """acts: [rows, d_in]; tokens, doc, pos: [rows]. `contexts` = contexts these came from.
+        The rows are kept (not copied, unless they view another tensor) until written: do not
+        change them in place afterwards."""
+        acts = _owned(acts, self._dtype)
         self._buf["acts"].append(acts)
-        self._buf["tokens"].append(tokens.to(torch.int32).contiguous())
-        self._buf["doc"].append(doc.to(torch.int32).contiguous())
-        self._buf["pos"].append(pos.to(torch.int32).contiguous())
+        self._buf["tokens"].append(_owned(tokens, torch.int32))
+        self._buf["doc"].append(_owned(doc, torch.int32))
+        self._buf["pos"].append(_owned(pos, torch.int32))
         self._buf_rows += acts.shape[0]
         _add_stats(self._sums, acts)
         for k, v in excluded.items():
@@ -173,7 +176,8 @@ class ShardBytes:
 
     def __init__(self, tensors: dict[str, list[torch.Tensor]]):
         header, self.views, start = {}, [], 0
-        for name, chunks in tensors.items():
+        # largest elements first (as safetensors' own save does): every tensor starts aligned
+        for name, chunks in sorted(tensors.items(), key=lambda kv: -kv[1][0].element_size()):
             views = [c.reshape(-1).view(torch.uint8).numpy() for c in chunks]
             size = sum(v.nbytes for v in views)
             header[name] = {"dtype": SAFETENSORS_DTYPES[chunks[0].dtype],
@@ -184,6 +188,7 @@ class ShardBytes:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % 8)
         self.head = struct.pack("<Q", len(text)) + text
+        self.nbytes = start
         h = hashlib.sha256(self.head)
         for v in self.views:
             h.update(v)
@@ -200,21 +205,29 @@ class _ShardWriter:
     the manifest listing them, in the order they were submitted, while the harvest's forward
     passes go on: the waits on the disk leave the critical path. One FIFO for all stores keeps a
     multi-hook harvest's stores at most one flush apart on disk if the process is killed (what
-    `StoreWriter.rollback` lines up). At most `max_pending` flushes wait (memory stays bounded);
-    a failed write is raised by the next submit or drain, and the flushes after it are dropped
-    (their shards are never listed)."""
+    `StoreWriter.rollback` lines up). Memory stays bounded: a submit waits while `max_bytes` of
+    shards are pending (one is always let through). After a failed write every flush behind it
+    is dropped (its shard never listed) and the failure is raised by the next submit or drain,
+    once the queue is empty."""
 
-    def __init__(self, max_pending: int = 8):
-        self._q: queue.Queue = queue.Queue(maxsize=max_pending)
+    def __init__(self, max_bytes: int = 1 << 30):
+        self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._max_bytes, self._pending = max_bytes, 0
+        self._room = threading.Condition()
 
     def submit(self, store: Path, shard: tuple[Path, ShardBytes] | None, manifest: str) -> None:
-        self._raise()
+        if self._error is not None:
+            self.drain()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, daemon=True, name="saelab store writer")
             self._thread.start()
-        self._q.put((store, shard, manifest))
+        nbytes = shard[1].nbytes if shard is not None else 0
+        with self._room:
+            self._room.wait_for(lambda: self._pending == 0 or self._pending + nbytes <= self._max_bytes)
+            self._pending += nbytes
+        self._q.put((store, shard, manifest, nbytes))
 
     def wait(self) -> None:
         """Wait until every submitted write is done (a reader in the writing process sees them)."""
@@ -225,18 +238,18 @@ class _ShardWriter:
         """Wait; then raise the first failure (or, with raise_error=False, forget it: an
         interrupted harvest whose own error is on its way up)."""
         self.wait()
-        if raise_error:
-            self._raise()
-        self._error = None
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            e, self._error = self._error, None
+        e, self._error = self._error, None
+        if e is not None and raise_error:
             raise StoreError(f"writing an activation store failed: {e}") from e
+
+    def _at_exit(self) -> None:
+        self.wait()
+        if self._error is not None:
+            print(f"saelab: a store shard could not be written: {self._error}", file=sys.stderr)
 
     def _work(self) -> None:
         while True:
-            store, shard, manifest = self._q.get()
+            store, shard, manifest, nbytes = self._q.get()
             try:
                 if self._error is None:
                     if shard is not None:
@@ -246,11 +259,23 @@ class _ShardWriter:
             except BaseException as e:  # raised in the harvest by its next submit or drain
                 self._error = e
             finally:
+                del store, shard, manifest  # an idle thread holds no rows
+                with self._room:
+                    self._pending -= nbytes
+                    self._room.notify_all()
                 self._q.task_done()
 
 
 SHARD_WRITER = _ShardWriter()
-atexit.register(SHARD_WRITER.drain, raise_error=False)
+atexit.register(SHARD_WRITER._at_exit)
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a contiguous CPU tensor of dtype that is not a view into a caller's buffer: the writer
+    keeps the rows until their shard is on disk, after `add` has returned, so a slice of a buffer
+    the caller refills is copied (a fresh tensor, as a harvest batch's gathered rows are, is not)."""
+    out = t.to("cpu", dtype)
+    return out.clone() if out._base is not None or not out.is_contiguous() else out
 
 
 def _add_stats(sums: dict[str, Any], acts: torch.Tensor) -> None:
