@@ -4,9 +4,13 @@ import torch
 from saelab.activations.store import ActivationStore, StoreError, StoreWriter
 
 
+def _writer(path, shard_tokens, d=4, dtype="float32"):
+    return StoreWriter(path, {"model": "m", "hook": "resid_post.0", "d_in": d, "dtype": dtype,
+                              "config_hash": "h"}, shard_tokens)
+
+
 def _write(path, rows=100, d=4, shard_tokens=32, complete=True):
-    w = StoreWriter(path, {"model": "m", "hook": "resid_post.0", "d_in": d, "dtype": "float32",
-                           "config_hash": "h"}, shard_tokens)
+    w = _writer(path, shard_tokens, d)
     x = torch.arange(rows * d, dtype=torch.float32).reshape(rows, d)
     for chunk in range(0, rows, 10):
         n = min(10, rows - chunk)
@@ -73,8 +77,7 @@ def test_writer_refuses_a_store_with_another_config(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_dtypes_stats_and_random_access(tmp_path, dtype):
-    w = StoreWriter(tmp_path / "s", {"model": "m", "hook": "resid_post.0", "d_in": 3, "dtype": dtype,
-                                     "config_hash": "h"}, 16)
+    w = _writer(tmp_path / "s", 16, d=3, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 3, generator=g) * 4 + 1
     for c in range(0, 50, 10):
@@ -120,7 +123,6 @@ def test_aligned(tmp_path):
         aligned(a, c, strict=True)
 
 
-
 def test_shard_bytes_are_a_safetensors_file_the_real_library_reads(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load
@@ -147,8 +149,7 @@ def test_shard_bytes_are_a_safetensors_file_the_real_library_reads(tmp_path):
 
 def test_a_failed_shard_write_is_raised_and_the_shard_never_listed(tmp_path):
     (tmp_path / "s" / "shard_00001.safetensors").mkdir(parents=True)  # the rename onto it fails
-    w = StoreWriter(tmp_path / "s", {"model": "m", "hook": "resid_post.0", "d_in": 4, "dtype": "float32",
-                                     "config_hash": "h"}, 32)
+    w = _writer(tmp_path / "s", 32)
     x = torch.randn(100, 4)
     with pytest.raises(StoreError, match="writing an activation store failed"):
         for c in range(0, 100, 10):
@@ -163,8 +164,7 @@ def test_a_failed_shard_write_is_raised_and_the_shard_never_listed(tmp_path):
 
 
 def test_rows_given_as_a_view_of_a_reused_buffer_are_stored_as_they_were(tmp_path):
-    w = StoreWriter(tmp_path / "s", {"model": "m", "hook": "resid_post.0", "d_in": 4, "dtype": "float32",
-                                     "config_hash": "h"}, 8)
+    w = _writer(tmp_path / "s", 8)
     buf, want = torch.zeros(10, 4), []
     for c in range(4):  # the caller refills one buffer and hands over slices of it
         buf.fill_(float(c))
@@ -195,8 +195,7 @@ def test_flushes_queued_behind_a_failed_write_are_dropped(tmp_path, monkeypatch)
 
     monkeypatch.setattr(ShardBytes, "write", slow_then_fail)
     monkeypatch.setattr(SHARD_WRITER._q, "get", slow_get)
-    w = StoreWriter(tmp_path / "s", {"model": "m", "hook": "resid_post.0", "d_in": 4, "dtype": "float32",
-                                     "config_hash": "h"}, 10)
+    w = _writer(tmp_path / "s", 10)
     x = torch.randn(100, 4)
 
     def add(c):

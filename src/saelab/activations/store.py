@@ -114,18 +114,16 @@ class StoreWriter:
         if self._buf_rows == 0 and self._pending_contexts == 0:
             return
         self.manifest["prev"] = copy.deepcopy({k: v for k, v in self.manifest.items() if k != "prev"})
-        shard = None
+        shard = None  # (its path, its bytes)
         if self._buf_rows:
             stats = self.manifest["stats"]
             stats["sum"] = (torch.tensor(stats["sum"], dtype=torch.float64) + self._sums["sum"]).tolist()
             stats["sum_norm"] += float(self._sums["sum_norm"])
             stats["sum_sq_norm"] += float(self._sums["sum_sq_norm"])
-            i = len(self.manifest["shards"])
-            name = f"shard_{i:05d}.safetensors"
-            shard = ShardBytes(self._buf)
-            self.manifest["shards"].append({"file": name, "rows": self._buf_rows, "sha256": shard.sha256})
+            name = f"shard_{len(self.manifest['shards']):05d}.safetensors"
+            shard = (self.path / name, ShardBytes(self._buf))
+            self.manifest["shards"].append({"file": name, "rows": self._buf_rows, "sha256": shard[1].sha256})
             self.manifest["n_tokens"] += self._buf_rows
-            shard = (self.path / name, shard)
         for k, v in self._pending_excluded.items():
             self.manifest["excluded"][k] = self.manifest["excluded"].get(k, 0) + v
         self.manifest["resume"]["contexts_done"] += self._pending_contexts

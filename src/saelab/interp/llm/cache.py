@@ -63,8 +63,7 @@ class CachedLLM(LLM):
             self.stats["hits"] += len(requests) - len(todo)
             self.stats["misses"] += len(todo)
 
-            bar = tqdm(total=len(todo), unit="call", desc="LLM calls",
-                       disable=not todo, leave=False)
+            bar = tqdm(total=len(todo), unit="call", desc="LLM calls", disable=not todo, leave=False)
 
             def store(j: int, resp: Response) -> None:  # commit each answer the moment it arrives
                 bar.update(1)
@@ -79,12 +78,12 @@ class CachedLLM(LLM):
                 if on_result:
                     on_result(i, resp)
 
-            if todo:
-                got = self.inner.complete([requests[i] for i in todo], on_result=store)
-                for j, resp in enumerate(got):
-                    if out[todo[j]] is None:  # a backend that returned it without reporting it
-                        store(j, resp)
-            bar.close()
+            with bar:
+                if todo:
+                    got = self.inner.complete([requests[i] for i in todo], on_result=store)
+                    for j, resp in enumerate(got):
+                        if out[todo[j]] is None:  # a backend that returned it without reporting it
+                            store(j, resp)
         finally:
             con.close()
         return out  # type: ignore[return-value]
