@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from saelab.cli import app
 from saelab.data.tokens import Positions
+from saelab.device import select_dtype
 from saelab.evals.core import ce_metrics, reconstruction_metrics, validation_batches
 from saelab.experiments.evaluate import EvalConfig
 from saelab.models.hooks import HookPoint
@@ -69,12 +70,17 @@ def test_the_quickstart_leaves_ledger_rows_a_user_can_list_export_and_rebuild(qu
 
 def test_quickstart_meets_the_floors(quick):
     output, run_dir = quick
-    e = json.loads((run_dir / "quickstart.json").read_text())["eval"]
+    q = json.loads((run_dir / "quickstart.json").read_text())
+    e = q["eval"]
     assert e["explained_variance"] >= FLOOR_EV, e
     assert e["ce_loss_recovered"] >= FLOOR_CE_RECOVERED, e
     assert e["l0"] == pytest.approx(32) and e["ce_clean"] < e["ce_sae"] < e["ce_zero"]
     assert e["dead_fraction"] < 0.05
     assert "explained variance" in output and f"runs/{run_dir.name}" in output
+    # dtype auto: bfloat16 only where this CPU computes it natively; the run, the table and every stage name it
+    dtype = str(select_dtype("auto", "cpu")).removeprefix("torch.")
+    assert q["dtype"] == dtype and f"resid_post.10  ({dtype})" in output
+    assert json.loads((Path(q["store"]) / "manifest.json").read_text())["dtype"] == dtype
     for f in ("config.yaml", "metrics.jsonl", "summary.json", "manifest.json", "eval.json",
               "checkpoint/sae.safetensors", "checkpoint/cfg.json"):
         assert (run_dir / f).is_file(), f
@@ -144,5 +150,10 @@ def test_the_quickstart_ends_with_the_dashboard_and_the_report(quick):
     data = json.loads((run_dir / "dashboard" / "data" / "index.js").read_text()[22:-2])
     assert len(data["rows"]) > 1000 and sum(r.get("explanation") is not None for r in data["rows"]) == 3
     assert check(report) == []
+    # the quickstart's light interpretation: the default prompt, detection and embedding, with both controls
+    latent = json.loads((run_dir / "interp" / "interp.json").read_text())["latents"][0]
+    assert set(latent["explanations"]) == {"default"}
+    assert set(latent["scores"]) == {"default", "shuffled", "token_list"}
+    assert all(set(s) == {"detection", "embedding"} for s in latent["scores"].values())
     seconds = json.loads((run_dir / "quickstart.json").read_text())["seconds"]
     assert seconds["dashboard"] > 0 and seconds["interpret"] > 0

@@ -40,6 +40,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import Field
@@ -51,11 +52,12 @@ from saelab.interp.explain import Formatter
 from saelab.interp.llm import LLM, Request, Response
 from saelab.interp.select import LatentSet
 
-SCORERS = ("detection", "fuzzing", "embedding", "simulation", "discrimination", "saebench")
+ScorerName = Literal["detection", "fuzzing", "embedding", "simulation", "discrimination", "saebench"]
+SCORERS = get_args(ScorerName)
 
 
 class ScoreConfig(Config):
-    scorers: list[str] = Field(default_factory=lambda: ["detection", "fuzzing", "embedding", "discrimination",
+    scorers: list[ScorerName] = Field(default_factory=lambda: ["detection", "fuzzing", "embedding", "discrimination",
                                                         "saebench"],
                                description="detection, fuzzing, embedding, simulation, discrimination, saebench")
     top_logprobs: int = Field(10, ge=0, description="alternatives asked for with each answer token (for AUROC); "

@@ -581,6 +581,7 @@ class QuickstartResult(Result):
     hook: str
     store: str
     run_dir: str
+    dtype: str = "float32"  # the model's, in harvest and eval (quickstart.json files written before it: float32)
     architecture: str
     width: int
     k: int
@@ -605,7 +606,7 @@ class QuickstartResult(Result):
     def table(self) -> str:
         e = self.eval
         rows = [
-            ("model / hook", f"{self.model} / {self.hook}"),
+            ("model / hook", f"{self.model} / {self.hook}  ({self.dtype})"),
             ("SAE", f"{self.architecture}  width {self.width}  k {self.k}  d_in {self.d_in}"),
             ("trained on", f"{self.train_tokens:,} tokens in {self.train_seconds:.0f} s "
                            f"({self.tokens_per_second:,.0f} tok/s)"),
