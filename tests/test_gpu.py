@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_sparse_kernels_on_cuda_match_the_cpu():
-    from saelab.saes.sparse_ops import batch_topk_encode, sparse_decode, topk_encode
+    from saelab.saes.sparse_ops import batch_topk_encode, entry_decode, topk_encode
 
     g = torch.Generator().manual_seed(0)
     x, W, b, W_dec = (torch.randn(s, generator=g) for s in ((256, 64), (64, 512), (512,), (512, 64)))
@@ -17,8 +17,8 @@ def test_sparse_kernels_on_cuda_match_the_cpu():
     for dev in ("cpu", "cuda"):
         xs, bs = x.to(dev), b.to(dev).requires_grad_()
         Ws, Wd = W.to(dev).requires_grad_(), W_dec.to(dev).requires_grad_()
-        vals, idx = topk_encode(xs, Ws, bs, 16)
-        sparse_decode(vals, idx, Wd).pow(2).sum().backward()
+        vals, idx, ent = topk_encode(xs, Ws, bs, 16)
+        entry_decode(vals.reshape(-1), Wd, ent).pow(2).sum().backward()
         rows, cols, v2 = batch_topk_encode(xs, Ws, bs, 16)
         out[dev] = [t.detach().cpu() for t in (vals.sort(-1).values, Ws.grad, bs.grad, Wd.grad, v2.sort().values)]
     for a, c in zip(out["cpu"], out["cuda"], strict=True):

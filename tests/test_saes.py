@@ -9,8 +9,8 @@ from saelab.saes.matryoshka import group_bounds
 from saelab.saes.panneal import p_at
 from saelab.saes.sparse_ops import (
     batch_topk_encode,
+    entry_decode,
     ragged_decode,
-    sparse_decode,
     topk_encode,
     topk_indices,
 )
@@ -119,8 +119,8 @@ def test_sparse_topk_kernel_matches_dense_autograd():
     W = torch.randn(24, 80, requires_grad=True)
     b = torch.randn(80, requires_grad=True)
     W_dec = torch.randn(80, 24, requires_grad=True)
-    vals, idx = topk_encode(x, W, b, 6)
-    (sparse_decode(vals, idx, W_dec).pow(2).sum()).backward()
+    vals, idx, ent = topk_encode(x, W, b, 6)
+    (entry_decode(vals.reshape(-1), W_dec, ent).pow(2).sum()).backward()
     grads = [t.grad.clone() for t in (W, b, W_dec)]
     for t in (W, b, W_dec):
         t.grad = None
@@ -135,12 +135,27 @@ def test_sparse_topk_kernel_matches_dense_autograd():
 def test_bf16_selection_recomputes_exact_values():
     torch.manual_seed(0)
     x, W, b = torch.randn(100, 32), torch.randn(32, 128), torch.randn(128)
-    vals, idx = topk_encode(x, W, b, 8, torch.bfloat16)
+    vals, idx, _ = topk_encode(x, W, b, 8, torch.bfloat16)
     exact = torch.relu(x @ W + b).gather(1, idx)
     assert torch.allclose(vals, exact, atol=1e-5)
     ref = torch.relu(x @ W + b).topk(8, dim=-1).indices
     overlap = sum(len(set(a.tolist()) & set(r.tolist())) for a, r in zip(idx, ref, strict=True)) / ref.numel()
     assert overlap > 0.9
+
+
+def test_fused_row_blocks_select_what_the_whole_batch_selects(monkeypatch):
+    """bf16 selection runs the encoder matmul and top-k in row blocks (the [B, m] pre-activations
+    never written whole): the same indices as over the whole batch, also across a short last block."""
+    from saelab.saes import sparse_ops
+
+    g = torch.Generator().manual_seed(0)
+    x, W_t, b = torch.randn(300, 48, generator=g), torch.randn(512, 48, generator=g), torch.randn(512, generator=g)
+    whole = topk_indices(sparse_ops.encoder_pre(x, W_t, b, torch.bfloat16), 8)
+    monkeypatch.setattr(sparse_ops, "ROW_BLOCK_BYTES", 64 * 512 * 2 + 100)  # blocks of 64 rows: 4 whole, 1 of 44
+    idx, vals = sparse_ops.topk_blocks(x, W_t, b, 8, torch.bfloat16)
+    assert vals is None and torch.equal(idx, whole)
+    idx32, vals32 = sparse_ops.topk_blocks(x, W_t, b, 8, torch.float32)  # float32: in one piece, with its values
+    assert torch.equal(vals32, (x @ W_t.t() + b).gather(1, idx32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -114,33 +114,48 @@ def topk_indices(pre: torch.Tensor, k: int, group: int = 4) -> torch.Tensor:
     return idx
 
 
-class TopKEncode(torch.autograd.Function):
-    """(x_c [B, d_in], W_enc [d_in, m], b_enc [m]) -> ReLU'd top-k values [B, k], indices [B, k]."""
+ROW_BLOCK_BYTES = 1 << 24  # bf16 pre-activations per block of the fused encoder + top-k: rows = the power of two
+# that fits 16 MiB (512 rows at width 9216, 1024 at 4608), still in cache when the top-k reads them. Measured
+# ([4096, 576] x [576, m], 2 cores of an AVX512-BF16 EPYC, interleaved medians of 25): m 9216 176 -> 159 ms (and
+# 175 -> 153 in another run), m 4608 106 -> 92-95 ms; float32 selection gained nothing (361 vs 349-408 ms), so it
+# runs whole and unchanged
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, dtype: torch.dtype):
-        W_enc_t = W_enc.t().contiguous()  # [m, d_in]: latent rows (free when W_enc is stored row-major)
+
+def topk_blocks(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, k: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(indices [B, k], their pre-activations [B, k] when dtype is x's, else None) of each row's k
+    largest pre-activations x W_enc + b_enc, computed in dtype. When the selection runs on the CPU
+    in a narrower dtype than x (bf16), the encoder matmul and the top-k run fused in row blocks,
+    so the [B, m] pre-activations are never written whole (the same indices as over the whole
+    batch: rows are independent); otherwise in one piece."""
+    B, m = x.shape[0], W_enc_t.shape[0]
+    if dtype == x.dtype or not fused_kernels(x):
         pre = encoder_pre(x, W_enc_t, b_enc, dtype)
         idx = topk_indices(pre, k)
-        B = x.shape[0]
-        rows = torch.arange(B, device=x.device).repeat_interleave(k)
-        offsets = torch.arange(0, B * k, k, device=x.device)
-        vals = (pre.gather(1, idx) if dtype == x.dtype
-                else selected_values(x, W_enc_t, b_enc, rows, idx.reshape(-1), offsets).view(B, k)).relu()
-        ctx.save_for_backward(x, W_enc_t, idx, vals, rows, offsets)
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
-
-    @staticmethod
-    def backward(ctx, g_vals: torch.Tensor, _g_idx):
-        x, W_enc_t, idx, vals, rows, offsets = ctx.saved_tensors
-        g = (g_vals * (vals > 0)).reshape(-1)  # ReLU'd-away slots get no gradient
-        return *encoder_grads(ctx, x, W_enc_t, rows, idx.reshape(-1), offsets, g), None, None
+        return idx, (pre.gather(1, idx) if dtype == x.dtype else None)
+    x_aug = torch.cat([x, torch.ones(B, 1, dtype=x.dtype, device=x.device)], 1).to(dtype)  # as encoder_pre
+    W_aug = torch.cat([W_enc_t, b_enc[:, None]], 1).to(dtype)
+    rows = 1 << max(0, (ROW_BLOCK_BYTES // (m * W_aug.element_size())).bit_length() - 1)
+    idx = torch.empty(B, k, dtype=torch.long, device=x.device)
+    for s in range(0, B, rows):
+        idx[s:s + rows] = topk_indices(x_aug[s:s + rows] @ W_aug.t(), k)  # a [rows, m] block
+    return idx, None
 
 
 def topk_encode(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    return TopKEncode.apply(x_c, W_enc, b_enc, k, dtype)
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, Entries]:
+    """(x_c [B, d_in], W_enc [d_in, m], b_enc [m]) -> ReLU'd top-k values [B, k] (differentiable in
+    all three; the backward touches only the selected entries), indices [B, k], and the entries
+    (row-sorted, k per row), whose latent-sorted order the encoder's and `entry_decode`'s weight
+    gradients share."""
+    B = x_c.shape[0]
+    with torch.no_grad():  # the selection: indices, then their exact pre-activations
+        W_enc_t = W_enc.t().contiguous()  # [m, d_in]: latent rows (free when W_enc is stored row-major)
+        idx, pre = topk_blocks(x_c, W_enc_t, b_enc, k, dtype)
+        ent = Entries(torch.arange(B, device=x_c.device).repeat_interleave(k), idx.reshape(-1), B, W_enc_t.shape[0])
+        pre = (pre.reshape(-1) if pre is not None
+               else selected_values(x_c, W_enc_t, b_enc, ent.rows, ent.cols, ent.offsets))
+    return pre_at(x_c, W_enc, b_enc, pre, ent).relu().view(B, k), idx, ent
 
 
 class BatchTopKEncode(torch.autograd.Function):

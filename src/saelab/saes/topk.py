@@ -1,7 +1,8 @@
 """TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, "Scaling and evaluating
 sparse autoencoders"). Loss = FVU + aux_coef * AuxK, where AuxK reconstructs the residual
 y - y_hat from the top `aux_k` dead latents, normalised by the same total variance.
-The training path is sparse end to end (saes/sparse_ops.py).
+The training path is sparse end to end (saes/sparse_ops.py: the encoder matmul and top-k fused in
+row blocks, then the selected entries only, one latent-sorted order for both weight gradients).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from saelab.device import select_dtype
 from saelab.saes.base import ForwardOutput, LossContext, SparseCoder, fvu_of, register
-from saelab.saes.sparse_ops import sparse_decode, topk_encode
+from saelab.saes.sparse_ops import entry_decode, sparse_decode, topk_encode
 
 DENSE_AUX_RATIO = 6  # up to this many dead latents per aux_k slot, decode AuxK densely. Measured
 # (d 576, batch 4096, aux_k 288; AuxK forward + backward): 300 dead 77 vs 201 ms sparse, 1000 dead
@@ -71,9 +72,9 @@ class TopKSAE(SparseCoder):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
         x_c = self.centered(x)
-        vals, idx = topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k,
-                                select_dtype(self.cfg.topk_select_dtype, x.device))
-        y_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec + self.skip_out(x)
+        vals, idx, ent = topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k,
+                                     select_dtype(self.cfg.topk_select_dtype, x.device))
+        y_hat = entry_decode(vals.reshape(-1), self.W_dec, ent) + self.b_dec + self.skip_out(x)
         err = y - y_hat
         fvu = fvu_of(err, ctx.total_variance)
         aux = x.new_zeros(())
