@@ -3,7 +3,8 @@ latents carry gradient.
 
 The one dense piece of work is the encoder's forward matmul (2 d m FLOPs per token). The
 selection may run on a bfloat16 copy of it (2.2x faster than float32 on CPUs with
-AVX512-BF16); the selected values are then recomputed exactly in float32. The backward is
+AVX512-BF16), fused with the top-k in cache-sized row blocks (`topk_blocks`); the selected
+values are then recomputed exactly in float32. The backward is
 sparse: the encoder weight gradient is one row per selected (token, latent) (a segment sum),
 the input gradient an embedding_bag over the selected encoder rows, and the decoder is sparse
 both ways via embedding_bag. A selection is a row-sorted list of (row, col) entries with
@@ -42,12 +43,18 @@ def ragged_decode(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, 
                            mode="sum")
 
 
+def augmented(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_aug [B, d_in + 1], W_aug [m, d_in + 1]) in `dtype`, with x_aug @ W_aug.t() = x W_enc + b_enc:
+    the bias rides in the matmul as a column of ones (addmm would first broadcast it into the
+    whole [B, m] output, a full extra pass over the largest tensor of the step)."""
+    x_aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1).to(dtype)
+    return x_aug, torch.cat([W_enc_t, b_enc[:, None]], 1).to(dtype)
+
+
 def encoder_pre(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Pre-activations x W_enc + b_enc [B, m] computed in `dtype`; W_enc_t: [m, d_in]. The bias
-    rides in the matmul as a column of ones: addmm would first broadcast it into the whole
-    [B, m] output, a full extra pass over the largest tensor of the step."""
-    x_aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1).to(dtype)  # [B, d_in + 1]
-    W_aug = torch.cat([W_enc_t, b_enc[:, None]], 1).to(dtype)  # [m, d_in + 1]
+    """Pre-activations x W_enc + b_enc [B, m] computed in `dtype`; W_enc_t: [m, d_in]."""
+    x_aug, W_aug = augmented(x, W_enc_t, b_enc, dtype)
     return x_aug @ W_aug.t()
 
 
@@ -133,8 +140,7 @@ def topk_blocks(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, k: 
         pre = encoder_pre(x, W_enc_t, b_enc, dtype)
         idx = topk_indices(pre, k)
         return idx, (pre.gather(1, idx) if dtype == x.dtype else None)
-    x_aug = torch.cat([x, torch.ones(B, 1, dtype=x.dtype, device=x.device)], 1).to(dtype)  # as encoder_pre
-    W_aug = torch.cat([W_enc_t, b_enc[:, None]], 1).to(dtype)
+    x_aug, W_aug = augmented(x, W_enc_t, b_enc, dtype)
     rows = 1 << max(0, (ROW_BLOCK_BYTES // (m * W_aug.element_size())).bit_length() - 1)
     idx = torch.empty(B, k, dtype=torch.long, device=x.device)
     for s in range(0, B, rows):
