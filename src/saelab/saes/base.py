@@ -145,8 +145,9 @@ class SparseCoder(nn.Module):
         """Project out the gradient component along each (unit) decoder row."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec.data
+        tmp = self.W_dec.grad * self.W_dec.data  # [m, d_out], reused below: one allocation, not two
+        parallel = tmp.sum(dim=1, keepdim=True)
+        self.W_dec.grad -= torch.mul(parallel, self.W_dec.data, out=tmp)
 
     @torch.no_grad()
     def fold_input_scale(self, s_in: float, s_out: float) -> None:

@@ -143,8 +143,10 @@ def topk_blocks(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, k: 
     x_aug, W_aug = augmented(x, W_enc_t, b_enc, dtype)
     rows = 1 << max(0, (ROW_BLOCK_BYTES // (m * W_aug.element_size())).bit_length() - 1)
     idx = torch.empty(B, k, dtype=torch.long, device=x.device)
+    block = torch.empty(min(rows, B), m, dtype=dtype, device=x.device)  # one [rows, m] buffer for every block
     for s in range(0, B, rows):
-        idx[s:s + rows] = topk_indices(x_aug[s:s + rows] @ W_aug.t(), k)  # a [rows, m] block
+        pre = torch.mm(x_aug[s:s + rows], W_aug.t(), out=block[:min(rows, B - s)])
+        idx[s:s + rows] = topk_indices(pre, k)
     return idx, None
 
 
