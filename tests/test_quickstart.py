@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from saelab.cli import app
 from saelab.data.tokens import Positions
-from saelab.device import select_dtype
+from saelab.device import resolve_device, select_dtype
 from saelab.evals.core import ce_metrics, reconstruction_metrics, validation_batches
 from saelab.experiments.evaluate import EvalConfig
 from saelab.models.hooks import HookPoint
@@ -78,7 +78,7 @@ def test_quickstart_meets_the_floors(quick):
     assert e["dead_fraction"] < 0.05
     assert "explained variance" in output and f"runs/{run_dir.name}" in output
     # dtype auto: bfloat16 only where this CPU computes it natively; the run, the table and every stage name it
-    dtype = str(select_dtype("auto", "cpu")).removeprefix("torch.")
+    dtype = str(select_dtype("auto", resolve_device("auto"))).removeprefix("torch.")
     assert q["dtype"] == dtype and f"resid_post.10  ({dtype})" in output
     assert json.loads((Path(q["store"]) / "manifest.json").read_text())["dtype"] == dtype
     for f in ("config.yaml", "metrics.jsonl", "summary.json", "manifest.json", "eval.json",

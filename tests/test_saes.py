@@ -155,7 +155,7 @@ def test_fused_row_blocks_select_what_the_whole_batch_selects(monkeypatch):
     idx, vals = sparse_ops.topk_blocks(x, W_t, b, 8, torch.bfloat16)
     assert vals is None and torch.equal(idx, whole)
     idx32, vals32 = sparse_ops.topk_blocks(x, W_t, b, 8, torch.float32)  # float32: in one piece, with its values
-    assert torch.equal(vals32, (x @ W_t.t() + b).gather(1, idx32))
+    assert torch.equal(vals32, sparse_ops.encoder_pre(x, W_t, b, torch.float32).gather(1, idx32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

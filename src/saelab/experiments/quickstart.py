@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.config import StageConfig
@@ -60,8 +60,34 @@ class QuickstartConfig(StageConfig):
                                "(`saelab interpret` adds fuzzing, discrimination and SAEBench's)")
     report: bool = Field(True, description="build the results report from the ledger (<runs_dir>/report.html)")
 
-    PAGES: ClassVar[frozenset[str]] = frozenset({"explain_latents", "dashboard", "examples_tokens", "explain_prompts", "scorers",
-                                             "report"})  # shown, not trained
+    PAGES: ClassVar[frozenset[str]] = frozenset({"explain_latents", "dashboard", "examples_tokens", "explain_prompts",
+                                                "scorers", "report"})  # shown, not trained
+
+    @field_validator("explain_prompts")
+    @classmethod
+    def _default_prompt(cls, v: list[str]) -> list[str]:
+        if "default" not in v:
+            raise ValueError("must include 'default': its explanations are what the controls are compared against, "
+                             "the ledger row records and the dashboard shows")
+        return v
+
+    @field_validator("scorers")
+    @classmethod
+    def _detection(cls, v: list[str]) -> list[str]:
+        if "detection" not in v:
+            raise ValueError("must include 'detection': the interpretation's ledger row compares real against "
+                             "shuffled explanations by detection balanced accuracy")
+        return v
+
+
+def stage_seconds(now: dict[str, float], before: dict[str, float] | None) -> dict[str, float]:
+    """Each stage's time in the run that did its work: a rerun reuses a finished stage in seconds
+    (under 5 s or a tenth of the time it took; then the earlier time is kept), a stage redone (its
+    settings changed, or it was killed before) reports this run's time; total = their sum."""
+    def reused(k: str, v: float) -> bool:
+        return before is not None and k in before and v < max(5.0, 0.1 * before[k])
+    out = {k: round(before[k] if reused(k, v) else v, 1) for k, v in now.items()}  # type: ignore[index]
+    return out | {"total": round(sum(out.values()), 1)}
 
 
 def quickstart(cfg: QuickstartConfig, progress: bool = True) -> QuickstartResult:
@@ -103,10 +129,8 @@ def quickstart(cfg: QuickstartConfig, progress: bool = True) -> QuickstartResult
     t5 = time.perf_counter()
     s = TrainResult.read(run.summary_file)
     path = run.path / QuickstartResult.FILE
-    # keep the timings of the run that did the work; a rerun that reuses every stage takes ~0 s
-    seconds = QuickstartResult.read(path).seconds if path.is_file() else {
-        "harvest": round(t1 - t0, 1), "train": round(t2 - t1, 1), "eval": round(t3 - t2, 1),
-        "interpret": round(t4 - t3, 1), "dashboard": round(t5 - t4, 1), "total": round(t5 - t0, 1)}
+    now = {"harvest": t1 - t0, "train": t2 - t1, "eval": t3 - t2, "interpret": t4 - t3, "dashboard": t5 - t4}
+    seconds = stage_seconds(now, QuickstartResult.read(path).seconds if path.is_file() else None)
     result = QuickstartResult(model=cfg.model, hook=cfg.hook, store=str(store.path), run_dir=str(run.path),
                               dtype=cfg.dtype, architecture=s.architecture, width=s.width, k=s.k, d_in=s.d_in, train_tokens=s.tokens,
                               train_seconds=s.wall_seconds, tokens_per_second=s.tokens_per_second, seed=cfg.seed,

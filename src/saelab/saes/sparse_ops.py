@@ -208,9 +208,11 @@ def batch_topk_encode(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     return BatchTopKEncode.apply(x_c, W_enc, b_enc, k, dtype)
 
 
-# --- sparse training paths for threshold coders (ReLU, JumpReLU, Gated, p-annealing) ----------
+# --- sparse training paths on selected entries: TopK, and the threshold coders (ReLU, JumpReLU, Gated,
+# p-annealing) ---
 #
-# Their activations are not k-sparse by construction, but once trained they are sparse (L0 << width).
+# TopK's entries are its k per row. The threshold coders' activations are not k-sparse by construction,
+# but once trained they are sparse (L0 << width).
 # The encoder's dense forward matmul stays; everything after it runs on the entries that carry a
 # value or a gradient (`Entries`, chosen per architecture), listed row-sorted: the values are read
 # from the dense pre-activations (`pre_at`, whose backward is TopK's sparse encoder backward), the

@@ -1,8 +1,9 @@
 """TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, "Scaling and evaluating
 sparse autoencoders"). Loss = FVU + aux_coef * AuxK, where AuxK reconstructs the residual
 y - y_hat from the top `aux_k` dead latents, normalised by the same total variance.
-The training path is sparse end to end (saes/sparse_ops.py: the encoder matmul and top-k fused in
-row blocks, then the selected entries only, one latent-sorted order for both weight gradients).
+The training path is sparse end to end (saes/sparse_ops.py: with bf16 selection on the CPU the
+encoder matmul and top-k run fused in row blocks; then the selected entries only, one latent-sorted
+order for both weight gradients).
 """
 
 from __future__ import annotations
