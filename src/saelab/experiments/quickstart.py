@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.config import StageConfig
@@ -63,20 +63,18 @@ class QuickstartConfig(StageConfig):
     PAGES: ClassVar[frozenset[str]] = frozenset({"explain_latents", "dashboard", "examples_tokens", "explain_prompts",
                                                 "scorers", "report"})  # shown, not trained
 
-    @field_validator("explain_prompts")
-    @classmethod
-    def _default_prompt(cls, v: list[str]) -> list[str]:
-        if "default" not in v:
-            raise ValueError("must include 'default': its explanations are what the controls are compared against, "
-                             "the ledger row records and the dashboard shows")
-        return v
+    REQUIRED: ClassVar[dict[str, tuple[str, str]]] = {  # field -> (value it must list, why)
+        "explain_prompts": ("default", "its explanations are what the controls are compared against, the ledger "
+                            "row records and the dashboard shows"),
+        "scorers": ("detection", "the interpretation's ledger row compares real against shuffled explanations by "
+                    "detection balanced accuracy")}
 
-    @field_validator("scorers")
+    @field_validator("explain_prompts", "scorers")
     @classmethod
-    def _detection(cls, v: list[str]) -> list[str]:
-        if "detection" not in v:
-            raise ValueError("must include 'detection': the interpretation's ledger row compares real against "
-                             "shuffled explanations by detection balanced accuracy")
+    def _keeps_what_is_read(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        need, why = cls.REQUIRED[info.field_name]
+        if need not in v:
+            raise ValueError(f"must include {need!r}: {why}")
         return v
 
 
@@ -84,9 +82,8 @@ def stage_seconds(now: dict[str, float], before: dict[str, float] | None) -> dic
     """Each stage's time in the run that did its work: a rerun reuses a finished stage in seconds
     (under 5 s or a tenth of the time it took; then the earlier time is kept), a stage redone (its
     settings changed, or it was killed before) reports this run's time; total = their sum."""
-    def reused(k: str, v: float) -> bool:
-        return before is not None and k in before and v < max(5.0, 0.1 * before[k])
-    out = {k: round(before[k] if reused(k, v) else v, 1) for k, v in now.items()}  # type: ignore[index]
+    before = before or {}
+    out = {k: round(before[k] if k in before and v < max(5.0, 0.1 * before[k]) else v, 1) for k, v in now.items()}
     return out | {"total": round(sum(out.values()), 1)}
 
 
