@@ -113,22 +113,30 @@ def test_transcoder_with_skip_learns_a_map(arch):
     assert torch.equal(sae.centered(x), x)
 
 
-def test_sparse_topk_kernel_matches_dense_autograd():
+@pytest.mark.parametrize("shifted", [False, True])
+def test_sparse_topk_kernel_matches_dense_autograd(shifted):
+    """The sparse kernel's gradients equal dense autograd's, also with the input shifted by b_dec
+    outside autograd (the shift's gradient then comes from the per-latent sums, not the input's)."""
     torch.manual_seed(0)
     x = torch.randn(300, 24)
     W = torch.randn(24, 80, requires_grad=True)
     b = torch.randn(80, requires_grad=True)
     W_dec = torch.randn(80, 24, requires_grad=True)
-    vals, idx, ent = topk_encode(x, W, b, 6)
-    (entry_decode(vals.reshape(-1), W_dec, ent).pow(2).sum()).backward()
-    grads = [t.grad.clone() for t in (W, b, W_dec)]
-    for t in (W, b, W_dec):
+    b_dec = torch.randn(24, requires_grad=True)
+    params = (W, b, W_dec, b_dec)
+    if shifted:
+        vals, idx, ent = topk_encode((x - b_dec).detach(), W, b, 6, shift=b_dec)
+    else:
+        vals, idx, ent = topk_encode(x - b_dec, W, b, 6)
+    (entry_decode(vals.reshape(-1), W_dec, ent) + b_dec).pow(2).sum().backward()
+    grads = [t.grad.clone() for t in params]
+    for t in params:
         t.grad = None
-    dv, di = torch.relu(x @ W + b).topk(6, dim=-1, sorted=False)
+    dv, di = torch.relu((x - b_dec) @ W + b).topk(6, dim=-1, sorted=False)
     assert torch.equal(di.sort(-1).values, idx.sort(-1).values)
     dense = torch.zeros(300, 80).scatter(-1, di, dv)
-    (dense @ W_dec).pow(2).sum().backward()
-    for g, t in zip(grads, (W, b, W_dec), strict=True):
+    (dense @ W_dec + b_dec).pow(2).sum().backward()
+    for g, t in zip(grads, params, strict=True):
         assert torch.allclose(g, t.grad, rtol=1e-4, atol=1e-6 * t.grad.abs().max())  # float32 sum order
 
 
@@ -273,3 +281,39 @@ def test_config_errors():
 def test_geometric_median_resists_outliers():
     x = torch.cat([torch.randn(200, 3) * 0.1, torch.full((20, 3), 100.0)])
     assert geometric_median(x).norm() < 1.0 < x.mean(0).norm()
+
+
+def test_decoder_projection_removes_the_parallel_component():
+    """remove_parallel_decoder_grad: g - <g_i, w_i> w_i per unit decoder row (the one-pass row dots
+    agree with the plain formula; the result is orthogonal to every row)."""
+    sae = build_sae(_cfg("topk"), seed=0)
+    g = torch.randn_like(sae.W_dec)
+    sae.W_dec.grad = g.clone()
+    sae.remove_parallel_decoder_grad()
+    w = sae.W_dec.data
+    ref = g - (g * w).sum(1, keepdim=True) * w
+    assert torch.allclose(sae.W_dec.grad, ref, atol=1e-5)
+    assert (sae.W_dec.grad * w).sum(1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(("arch", "select"), [("topk", "float32"), ("batchtopk", "float32"), ("jumprelu", "float32"),
+                                             ("jumprelu", "bfloat16")])
+def test_plain_kernels_match_the_cpu_fused_ones(arch, select, monkeypatch):
+    """The kernels a GPU runs (chunked gathers, vecdot, plain top-k; CI has no GPU) give the CPU-fused
+    kernels' loss and gradients, the decoder-row projection included. (A bf16 top-k may break ties
+    differently in the two; JumpReLU's bf16 preselection is exact after the float32 recheck.)"""
+    from saelab.saes import sparse_ops
+
+    x = synthetic(n=512, d=16) * 3
+    got = {}
+    for fused in (True, False):
+        monkeypatch.setattr(sparse_ops, "fused_kernels", lambda t, f=fused: f)
+        sae = build_sae(_cfg(arch, topk_select_dtype=select, threshold_init=3.0), seed=0)
+        sae(x, x, ctx_for(x))  # a threshold coder measures its density on a first batch, then goes sparse
+        out = sae(x, x, ctx_for(x))
+        out.loss.backward()
+        sae.remove_parallel_decoder_grad()
+        got[fused] = [out.loss.detach()] + [p.grad for p in sae.parameters()]
+        assert arch != "jumprelu" or sae.last_path == "sparse"
+    for a, b in zip(got[True], got[False], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 
 from saelab.device import select_dtype
 from saelab.io import atomic_write, read_json, write_json
 from saelab.saes.config import SAEConfig
-from saelab.saes.sparse_ops import SPARSE_MAX_DENSITY, threshold_entries
+from saelab.saes.sparse_ops import SPARSE_MAX_DENSITY, row_dots, threshold_entries
 
 FORMAT = "saelab.sae/1"
 
@@ -91,17 +92,30 @@ class SparseCoder(nn.Module):
         """The encoder's input: x - b_dec for an SAE, x itself for a transcoder."""
         return x if self.transcoder else x - self.b_dec
 
+    def sparse_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x_c, shift) for the sparse training paths: x_c = x - b_dec computed without autograd
+        and shift = b_dec, whose gradient `pre_at` then forms as a [d_in, m] matvec instead of
+        summing a [batch, d_in] input gradient over rows; (centered(x), None) for a transcoder
+        or an x that needs its own gradient."""
+        if self.transcoder or x.requires_grad:
+            return self.centered(x), None
+        with torch.no_grad():
+            return x - self.b_dec, self.b_dec
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations [batch, width] (before any nonlinearity)."""
         return self.centered(x) @ self.W_enc + self.b_enc
 
     def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Output [batch, d_out] from dense latents [batch, width] (x needed for the skip)."""
-        y = z @ self.W_dec + self.b_dec
-        return y + x @ self.W_skip if self.W_skip is not None and x is not None else y
+        return self.decoder_out(z @ self.W_dec, x)
 
-    def skip_out(self, x: torch.Tensor) -> torch.Tensor | float:
-        return x @ self.W_skip if self.W_skip is not None else 0.0
+    def decoder_out(self, y: torch.Tensor, x: torch.Tensor | None, b_dec: torch.Tensor | None = None) -> torch.Tensor:
+        """The latents' part of the output y [batch, d_out] plus the decoder bias (b_dec unless one
+        is given, e.g. detached) and, given x, the skip x W_skip (no pass over y for a skip that
+        is not there)."""
+        y = y + (self.b_dec if b_dec is None else b_dec)
+        return y + x @ self.W_skip if self.W_skip is not None and x is not None else y
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x)
@@ -145,9 +159,8 @@ class SparseCoder(nn.Module):
         """Project out the gradient component along each (unit) decoder row."""
         if self.W_dec.grad is None:
             return
-        tmp = self.W_dec.grad * self.W_dec.data  # [m, d_out], reused below: one allocation, not two
-        parallel = tmp.sum(dim=1, keepdim=True)
-        self.W_dec.grad -= torch.mul(parallel, self.W_dec.data, out=tmp)
+        parallel = row_dots(self.W_dec.grad, self.W_dec.data)  # [m]: no [m, d_out] temporary
+        self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec.data, value=-1)
 
     @torch.no_grad()
     def fold_input_scale(self, s_in: float, s_out: float) -> None:
@@ -192,9 +205,15 @@ class ThresholdCoder(SparseCoder):
         raise NotImplementedError
 
 
-def fvu_of(err: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
-    """sum ||err||^2 / total variance (variance around the batch mean, summed over dims)."""
-    return err.pow(2).sum() / total_variance
+def sq_err(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum ||y - y_hat||^2 over the batch []: mse_loss's fused kernels, one pass each way (the
+    same value and gradient as (y - y_hat).pow(2).sum(), whose backward takes three passes)."""
+    return F.mse_loss(y_hat, y, reduction="sum")
+
+
+def fvu_of(y_hat: torch.Tensor, y: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
+    """sum ||y - y_hat||^2 / total variance (variance around the batch mean, summed over dims)."""
+    return sq_err(y_hat, y) / total_variance
 
 
 ARCHITECTURES: dict[str, type[SparseCoder]] = {}

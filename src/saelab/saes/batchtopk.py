@@ -51,13 +51,12 @@ class BatchTopKSAE(SparseCoder):
         rows, cols, vals = self.select(x_c)
         self.update_threshold(vals.detach())
         y_hat = self.decode_selected(rows, cols, vals, x)
-        err = y - y_hat
-        fvu = fvu_of(err, ctx.total_variance)
+        fvu = fvu_of(y_hat, y, ctx.total_variance)
         dead = dead_latents(self, ctx)
-        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
+        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, y_hat, y, ctx)
         loss = fvu + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvu.detach(), cols, rows.numel() / x.shape[0],
                              {"fvu": fvu.detach(), "auxk": aux.detach()})
 
     def decode_selected(self, rows, cols, vals, x) -> torch.Tensor:
-        return ragged_decode(rows, cols, vals, self.W_dec, x.shape[0]) + self.b_dec + self.skip_out(x)
+        return self.decoder_out(ragged_decode(rows, cols, vals, self.W_dec, x.shape[0]), x)

@@ -26,8 +26,8 @@ from saelab.saes.base import (
     ForwardOutput,
     LossContext,
     ThresholdCoder,
-    fvu_of,
     register,
+    sq_err,
 )
 from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import entry_decode, pre_at, take
@@ -54,17 +54,17 @@ class GatedSAE(ThresholdCoder):
 
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the open gates only; None (after measuring) when too dense."""
-        x_c = self.centered(x)
+        x_c, shift = self.sparse_input(x)
         # x_c W_enc, shared by both paths, where pi_gate = x_c W_enc + b_enc > 0
         if (got := self.sparse_entries(x_c, None, -self.b_enc.detach())) is None:
             return None
         ent, vals = got
-        s_e = pre_at(x_c, self.W_enc, None, vals, ent)
+        s_e = pre_at(x_c, self.W_enc, None, vals, ent, shift)
         gate_act = F.relu(s_e + take(self.b_enc, ent))  # ReLU(pi_gate) on G
         z = F.relu(s_e * take(self.r_mag.exp(), ent) + take(self.b_mag, ent))  # ReLU(pi_mag), gate open
-        y_hat = entry_decode(z, self.W_dec, ent) + self.b_dec + self.skip_out(x)
+        y_hat = self.decoder_out(entry_decode(z, self.W_dec, ent), x)
         l1 = (gate_act * take(self.W_dec.norm(dim=1), ent)).sum() / ctx.n_tokens
-        y_gate = entry_decode(gate_act, self.W_dec.detach(), ent) + self.b_dec.detach() + self.skip_out(x)
+        y_gate = self.decoder_out(entry_decode(gate_act, self.W_dec.detach(), ent), x, self.b_dec.detach())
         return self._loss(x, y, y_hat, y_gate, l1, ent.cols[z.detach() > 0], ctx)
 
     def forward_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
@@ -73,17 +73,17 @@ class GatedSAE(ThresholdCoder):
         z = (pi_gate > 0) * F.relu(pi_mag)
         gate_act = F.relu(pi_gate)
         l1 = (gate_act * self.W_dec.norm(dim=1)).sum() / ctx.n_tokens
-        y_gate = gate_act @ self.W_dec.detach() + self.b_dec.detach() + self.skip_out(x)
+        y_gate = self.decoder_out(gate_act @ self.W_dec.detach(), x, self.b_dec.detach())
         with torch.no_grad():
             self.note_dense((pi_gate > 0).sum(), x.shape[0])
         return self._loss(x, y, self.decode(z, x), y_gate, l1, z.nonzero()[:, 1], ctx)
 
     def _loss(self, x, y, y_hat, y_gate, l1, active, ctx: LossContext) -> ForwardOutput:
-        err = y - y_hat
-        aux = (y - y_gate).pow(2).sum() / ctx.n_tokens
+        sq = sq_err(y_hat, y)
+        aux = sq_err(y_gate, y) / ctx.n_tokens
         coef = DEFAULT_L1 if self.cfg.sparsity_coef is None else self.cfg.sparsity_coef
-        mse = err.pow(2).sum() / ctx.n_tokens
+        mse = sq / ctx.n_tokens
         loss = mse + ctx.sparsity_scale * coef * l1 + aux
-        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
+        return ForwardOutput(y_hat, loss, sq.detach() / ctx.total_variance, active,
                              active.numel() / x.shape[0], {"mse": mse.detach(), "l1": l1.detach(),
                                                            "aux_gate": aux.detach()})

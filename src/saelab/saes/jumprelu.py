@@ -26,8 +26,8 @@ from saelab.saes.base import (
     ForwardOutput,
     LossContext,
     ThresholdCoder,
-    fvu_of,
     register,
+    sq_err,
 )
 from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import entry_decode, pre_at, take
@@ -89,16 +89,16 @@ class JumpReluSAE(ThresholdCoder):
 
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the active and in-band entries; None (after measuring) when too dense."""
-        x_c = self.centered(x)
+        x_c, shift = self.sparse_input(x)
         eps = self.cfg.bandwidth
         # active or within the band: pre > theta - eps / 2
         if (got := self.sparse_entries(x_c, self.b_enc, (self.threshold - eps / 2).detach())) is None:
             return None
         ent, vals = got
-        pre_e = pre_at(x_c, self.W_enc, self.b_enc, vals, ent)
+        pre_e = pre_at(x_c, self.W_enc, self.b_enc, vals, ent, shift)
         theta = take(self.threshold, ent)
         z = _JumpReLU.apply(pre_e, theta, eps)
-        y_hat = entry_decode(z, self.W_dec, ent) + self.b_dec + self.skip_out(x)
+        y_hat = self.decoder_out(entry_decode(z, self.W_dec, ent), x)
         l0 = _Step.apply(pre_e, theta, eps).sum() / ctx.n_tokens
         return self._loss(x, y, y_hat, l0, ent.cols[pre_e.detach() > theta.detach()], ctx)
 
@@ -113,9 +113,9 @@ class JumpReluSAE(ThresholdCoder):
         return self._loss(x, y, self.decode(z, x), l0, z.nonzero()[:, 1], ctx)
 
     def _loss(self, x, y, y_hat, l0, active, ctx: LossContext) -> ForwardOutput:
-        err = y - y_hat
+        sq = sq_err(y_hat, y)
         coef = DEFAULT_L0_COEF if self.cfg.sparsity_coef is None else self.cfg.sparsity_coef
-        mse = err.pow(2).sum() / ctx.n_tokens
+        mse = sq / ctx.n_tokens
         loss = mse + ctx.sparsity_scale * coef * l0
-        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
+        return ForwardOutput(y_hat, loss, sq.detach() / ctx.total_variance, active,
                              active.numel() / x.shape[0], {"mse": mse.detach(), "l0": l0.detach()})

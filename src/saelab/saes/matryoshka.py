@@ -43,17 +43,17 @@ class MatryoshkaSAE(BatchTopKSAE):
         rows, cols, vals = self.select(x_c)
         self.update_threshold(vals.detach())
         B = x.shape[0]
-        y_hat = self.b_dec + self.skip_out(x)
+        y_hat = None
         fvus = []
         start = 0
         for end in self.ends:  # add one group at a time: y_hat is the prefix's reconstruction
             in_group = (cols >= start) & (cols < end)
-            y_hat = y_hat + ragged_decode(rows[in_group], cols[in_group], vals[in_group], self.W_dec, B)
-            fvus.append(fvu_of(y - y_hat, ctx.total_variance))
+            part = ragged_decode(rows[in_group], cols[in_group], vals[in_group], self.W_dec, B)
+            y_hat = self.decoder_out(part, x) if y_hat is None else y_hat + part
+            fvus.append(fvu_of(y_hat, y, ctx.total_variance))
             start = end
-        err = y - y_hat
         dead = dead_latents(self, ctx)
-        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
+        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, y_hat, y, ctx)
         prefix_fvu = torch.stack(fvus).mean()
         loss = prefix_fvu + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvus[-1].detach(), cols, rows.numel() / B,

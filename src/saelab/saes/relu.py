@@ -20,8 +20,8 @@ from saelab.saes.base import (
     ForwardOutput,
     LossContext,
     ThresholdCoder,
-    fvu_of,
     register,
+    sq_err,
 )
 from saelab.saes.config import SAEConfig
 from saelab.saes.sparse_ops import entry_decode, pre_at, take
@@ -53,12 +53,12 @@ class ReluSAE(ThresholdCoder):
 
     def forward_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput | None:
         """The same loss on the active entries only; None (after measuring) when the batch is too dense."""
-        x_c = self.centered(x)
+        x_c, shift = self.sparse_input(x)
         if (got := self.sparse_entries(x_c, self.b_enc, torch.zeros_like(self.b_enc.detach()))) is None:
             return None
         ent, vals = got
-        z = pre_at(x_c, self.W_enc, self.b_enc, vals, ent)  # [nnz], all > 0
-        y_hat = entry_decode(z, self.W_dec, ent) + self.b_dec + self.skip_out(x)
+        z = pre_at(x_c, self.W_enc, self.b_enc, vals, ent, shift)  # [nnz], all > 0
+        y_hat = self.decoder_out(entry_decode(z, self.W_dec, ent), x)
         return self._loss(x, y, y_hat, (z * take(self.W_dec.norm(dim=1), ent)).sum() / ctx.n_tokens, ent.cols, ctx)
 
     def forward_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
@@ -69,8 +69,8 @@ class ReluSAE(ThresholdCoder):
         return self._loss(x, y, self.decode(z, x), self.penalty(z, ctx), active, ctx)
 
     def _loss(self, x, y, y_hat, pen, active, ctx: LossContext) -> ForwardOutput:
-        err = y - y_hat
-        recon = err.pow(2).sum() / ctx.n_tokens
+        sq = sq_err(y_hat, y)
+        recon = sq / ctx.n_tokens
         loss = recon + ctx.sparsity_scale * self.coef() * pen
-        return ForwardOutput(y_hat, loss, fvu_of(err, ctx.total_variance).detach(), active,
+        return ForwardOutput(y_hat, loss, sq.detach() / ctx.total_variance, active,
                              active.numel() / x.shape[0], {"mse": recon.detach(), "l1": pen.detach()})

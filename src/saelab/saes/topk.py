@@ -33,12 +33,12 @@ def dead_pre_acts(sae: SparseCoder, x_c: torch.Tensor, dead: torch.Tensor) -> to
     return F.relu(x_c @ sae.W_enc.t()[dead].t() + sae.b_enc[dead])
 
 
-def auxk_loss(sae: SparseCoder, pre_dead: torch.Tensor, dead: torch.Tensor, err: torch.Tensor,
+def auxk_loss(sae: SparseCoder, pre_dead: torch.Tensor, dead: torch.Tensor, y_hat: torch.Tensor, y: torch.Tensor,
               ctx: LossContext) -> torch.Tensor:
     """AuxK: reconstruct the (detached) error from the top aux_k dead latents' pre-activations.
 
     pre_dead: [batch, n_dead] ReLU'd pre-activations of the dead latents `dead` [n_dead];
-    err: [batch, d_out] = y - y_hat. Weighed down while fewer latents are dead than aux_k asks
+    the error to reconstruct: y - y_hat [batch, d_out]. Weighed down while fewer latents are dead than aux_k asks
     for (as sparsify does).
     """
     aux_k_cfg = sae.cfg.aux_k or sae.cfg.d_in // 2
@@ -53,7 +53,7 @@ def auxk_loss(sae: SparseCoder, pre_dead: torch.Tensor, dead: torch.Tensor, err:
             vals, j = pre_dead.topk(aux_k, dim=-1, sorted=False)
             z = torch.zeros_like(pre_dead).scatter(-1, j, vals)
         e_hat = z @ sae.W_dec[dead]
-    return min(n_dead / aux_k_cfg, 1.0) * fvu_of(e_hat - err.detach(), ctx.total_variance)
+    return min(n_dead / aux_k_cfg, 1.0) * fvu_of(e_hat, (y - y_hat).detach(), ctx.total_variance)
 
 
 @register("topk")
@@ -69,18 +69,17 @@ class TopKSAE(SparseCoder):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         vals, idx = self.topk(x)
-        return sparse_decode(vals, idx, self.W_dec) + self.b_dec + self.skip_out(x)
+        return self.decoder_out(sparse_decode(vals, idx, self.W_dec), x)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        x_c = self.centered(x)
+        x_c, shift = self.sparse_input(x)
         vals, idx, ent = topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k,
-                                     select_dtype(self.cfg.topk_select_dtype, x.device))
-        y_hat = entry_decode(vals.reshape(-1), self.W_dec, ent) + self.b_dec + self.skip_out(x)
-        err = y - y_hat
-        fvu = fvu_of(err, ctx.total_variance)
+                                     select_dtype(self.cfg.topk_select_dtype, x.device), shift)
+        y_hat = self.decoder_out(entry_decode(vals.reshape(-1), self.W_dec, ent), x)
+        fvu = fvu_of(y_hat, y, ctx.total_variance)
         aux = x.new_zeros(())
         if (dead := dead_latents(self, ctx)) is not None:
-            aux = auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, err, ctx)
+            aux = auxk_loss(self, dead_pre_acts(self, self.centered(x), dead), dead, y_hat, y, ctx)
         loss = fvu + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvu.detach(), idx, float(self.cfg.k),
                              {"fvu": fvu.detach(), "auxk": aux.detach()})
