@@ -89,10 +89,18 @@ def _compare(a, b, ga, gb):
         assert (ga[n] - gb[n]).abs().max() <= 1e-5 * scale + 1e-7, (n, (ga[n] - gb[n]).abs().max(), scale)
 
 
-@pytest.mark.parametrize("select", ["float32", "bfloat16"])  # bf16: the dense matmul preselects candidates
+# bf16: the dense matmul preselects candidates; "bfloat16-blocks": in row blocks of 64 rows sorted by norm (a short
+# last block of 32), each with its own margin
+@pytest.mark.parametrize("select", ["float32", "bfloat16", "bfloat16-blocks"])
 @pytest.mark.parametrize("transcoder", [False, True])
 @pytest.mark.parametrize("arch", SPARSE_ARCHS)
-def test_sparse_path_equals_dense_path(arch, transcoder, select):
+def test_sparse_path_equals_dense_path(arch, transcoder, select, monkeypatch):
+    if select == "bfloat16-blocks":
+        from saelab.saes import sparse_ops
+
+        select = "bfloat16"
+        monkeypatch.setattr(sparse_ops, "ROW_BLOCK_BYTES", 64 * M * 2 + 100)
+        assert sparse_ops.block_rows(M, torch.bfloat16) == 64
     x, y = _data(transcoder)
     sparse = _sae(arch, transcoder, select=select)
     _sparsify(sparse, x)
@@ -154,7 +162,19 @@ def test_bf16_margin_bounds_the_bf16_matmul_error():
     t = exact.quantile(0.99, dim=0).float()  # levels near which selection happens
     err = (approx - exact).abs()
     near = (exact - t.double()).abs() < 1.0
-    bound = bf16_margin(x, W_t, b, t).double() / 2  # the undoubled bound
+    margin = bf16_margin(x.norm(dim=1).max(), W_t.norm(dim=1), x.shape[1], b, t)
+    bound = margin.double() / 2  # the undoubled bound
     assert near.any() and (err[near] <= bound.expand_as(err)[near]).all()
     # and the doubled margin selects a superset of the exact set
-    assert not ((exact > t.double()) & ~(approx > (t - bf16_margin(x, W_t, b, t)).double())).any()
+    assert not ((exact > t.double()) & ~(approx > (t - margin).double())).any()
+
+
+def test_round_down_is_the_largest_bf16_not_above():
+    """The bf16 preselection compares against levels rounded toward -inf, so its candidates stay a
+    superset of the float32 ones: the result is <= v and the next bf16 up is > v."""
+    from saelab.saes.sparse_ops import round_down
+
+    v = torch.cat([torch.randn(10_000) * 10.0 ** torch.randint(-4, 4, (10_000,)), torch.tensor([0.0, 1.0, -1.0])])
+    r = round_down(v, torch.bfloat16)
+    assert r.dtype == torch.bfloat16 and (r.float() <= v).all()
+    assert (torch.nextafter(r, torch.full_like(r, torch.inf)).float() > v).all()

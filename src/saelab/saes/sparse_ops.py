@@ -131,6 +131,11 @@ ROW_BLOCK_BYTES = 1 << 24  # bf16 pre-activations per block of the fused encoder
 # runs whole and unchanged
 
 
+def block_rows(m: int, dtype: torch.dtype) -> int:
+    """Rows per block of [rows, m] pre-activations in dtype: the power of two that fits ROW_BLOCK_BYTES."""
+    return 1 << max(0, (ROW_BLOCK_BYTES // (m * dtype.itemsize)).bit_length() - 1)
+
+
 def topk_blocks(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, k: int,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(indices [B, k], their pre-activations [B, k] when dtype is x's, else None) of each row's k
@@ -144,7 +149,7 @@ def topk_blocks(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, k: 
         idx = topk_indices(pre, k)
         return idx, (pre.gather(1, idx) if dtype == x.dtype else None)
     x_aug, W_aug = augmented(x, W_enc_t, b_enc, dtype)
-    rows = 1 << max(0, (ROW_BLOCK_BYTES // (m * W_aug.element_size())).bit_length() - 1)
+    rows = block_rows(m, dtype)
     idx = torch.empty(B, k, dtype=torch.long, device=x.device)
     block = torch.empty(min(rows, B), m, dtype=dtype, device=x.device)  # one [rows, m] buffer for every block
     for s in range(0, B, rows):
@@ -369,18 +374,27 @@ def take(w: torch.Tensor, ent: Entries) -> torch.Tensor:
     return Take.apply(w, ent.cols)
 
 
-def bf16_margin(x: torch.Tensor, W_enc_t: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+def bf16_margin(x_norm: torch.Tensor, W_norm: torch.Tensor, d: int, b: torch.Tensor | None,
+                t: torch.Tensor) -> torch.Tensor:
     """A bound [m] on |bf16 pre - exact pre| near the level t, for the pre-activations of encoder_pre in
     bfloat16 (inputs rounded to bf16, u = 2^-8; products accumulated in float32; output rounded to
-    bf16): per latent i and row b, |error| <= (2u + u^2 + d 2^-24) sum_j |x_bj W_ji| + u |b_i|, and
-    the output rounding adds u (|t| + that) near t; sum_j |x_bj W_ji| <= max_b ||x_b|| ||W_i||.
+    bf16), over rows whose norms are at most x_norm (W_norm [m]: the encoder rows' norms, d: d_in):
+    per latent i and row b, |error| <= (2u + u^2 + d 2^-24) sum_j |x_bj W_ji| + u |b_i|, and the
+    output rounding adds u (|t| + that) near t; sum_j |x_bj W_ji| <= ||x_b|| ||W_i|| <= x_norm ||W_i||.
     Doubled for safety."""
     u = 2.0**-8
-    d = x.shape[1]
-    a = (2 * u + u * u + d * 2.0**-24) * x.norm(dim=1).max() * W_enc_t.norm(dim=1)
+    a = (2 * u + u * u + d * 2.0**-24) * x_norm * W_norm
     if b is not None:
         a = a + u * b.abs()
     return 2 * (a * (1 + u) + u * t.abs())
+
+
+def round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """v in `dtype`, rounded toward -inf: for pre [B, m] in dtype, pre > round_down(level) holds
+    wherever pre > level does (a superset), and compares without promoting the [B, m] pre to
+    float32 (a 150 MB copy at [4096, 9216])."""
+    r = v.to(dtype)
+    return torch.where(r.float() > v, torch.nextafter(r, torch.full_like(r, -torch.inf)), r)
 
 
 def threshold_entries(x: torch.Tensor, W_enc: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor,
@@ -389,16 +403,29 @@ def threshold_entries(x: torch.Tensor, W_enc: torch.Tensor, b: torch.Tensor | No
     values); or the density when more than max_density of the [B, m] entries pass (nothing more
     is computed). In bfloat16 the dense matmul only preselects candidates, v > t - bf16_margin
     (a superset of the exact set), whose values are then recomputed exactly in float32 and
-    filtered; the density is then the candidates'."""
-    B, m = x.shape[0], W_enc.shape[1]
+    filtered; the density is then the candidates'.
+
+    The bf16 pass runs in row blocks of rows sorted by norm, each against its own block's margin:
+    the bound grows with ||x_b||, so a block of small rows is not held to the largest row's
+    (candidates at 0.7% density, [4096, 9216]: 735k instead of 1.59M; exact 277k). The blocks'
+    levels are rounded down to bf16 (`round_down`), so pre and level compare in bf16."""
+    B, (d, m) = x.shape[0], W_enc.shape
     with torch.no_grad():
         W_t = W_enc.t().contiguous()
         if dtype == x.dtype:
             pre = x @ W_enc if b is None else encoder_pre(x, W_t, b, dtype)
             mask = pre > t
         else:
-            pre = (x.to(dtype) @ W_t.to(dtype).t()) if b is None else encoder_pre(x, W_t, b, dtype)
-            mask = pre > t - bf16_margin(x, W_t, b, t)
+            x_op, W_op = (x.to(dtype), W_t.to(dtype)) if b is None else augmented(x, W_t, b, dtype)
+            x_norm, W_norm = x.norm(dim=1), W_t.norm(dim=1)
+            order = x_norm.argsort()
+            rows = block_rows(m, dtype)
+            mask = torch.empty(B, m, dtype=torch.bool, device=x.device)
+            block = torch.empty(min(rows, B), m, dtype=dtype, device=x.device)
+            for s in range(0, B, rows):
+                r = order[s:s + rows]
+                pre = torch.mm(x_op[r], W_op.t(), out=block[:r.numel()])
+                mask[r] = pre > round_down(t - bf16_margin(x_norm[r].max(), W_norm, d, b, t), dtype)
         n = int(mask.count_nonzero())
         if n > max_density * B * m:
             return n / (B * m)
