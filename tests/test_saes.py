@@ -230,6 +230,27 @@ def test_batch_topk_kernel_matches_dense_autograd():
         assert torch.allclose(g, t.grad, rtol=1e-4, atol=1e-6 * t.grad.abs().max())
 
 
+def test_batch_topk_shifted_input_matches_dense_autograd():
+    """With x - b_dec computed outside autograd and b_dec passed as the shift (the training path),
+    b_dec's gradient equals dense autograd's through the centred input."""
+    torch.manual_seed(1)
+    x = torch.randn(300, 24)
+    W, b = torch.randn(24, 80, requires_grad=True), torch.randn(80, requires_grad=True)
+    W_dec, b_dec = torch.randn(80, 24, requires_grad=True), torch.randn(24, requires_grad=True)
+    params = (W, b, W_dec, b_dec)
+    rows, cols, vals = batch_topk_encode((x - b_dec).detach(), W, b, 6, shift=b_dec)
+    (ragged_decode(rows, cols, vals, W_dec, 300) + b_dec).pow(2).sum().backward()
+    grads = [t.grad.clone() for t in params]
+    for t in params:
+        t.grad = None
+    pre = torch.relu((x - b_dec) @ W + b)
+    flat = rows * 80 + cols
+    dense = torch.zeros(300 * 80).index_put((flat,), pre.reshape(-1)[flat]).view(300, 80)
+    (dense @ W_dec + b_dec).pow(2).sum().backward()
+    for g, t in zip(grads, params, strict=True):
+        assert torch.allclose(g, t.grad, rtol=1e-4, atol=1e-6 * t.grad.abs().max())
+
+
 def test_batch_topk_bf16_selection_recomputes_exact_values():
     torch.manual_seed(0)
     x, W, b = torch.randn(100, 32), torch.randn(32, 128), torch.randn(128)

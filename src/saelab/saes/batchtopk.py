@@ -34,10 +34,11 @@ class BatchTopKSAE(SparseCoder):
             raise RuntimeError("BatchTopK threshold was never estimated: train the SAE first")
         return pre * (pre > self.threshold)
 
-    def select(self, x_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's k*B largest positive pre-activations as row-sorted (rows, cols, values) [nnz]."""
-        return batch_topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k, select_dtype(self.cfg.topk_select_dtype,
-                                                                                              x_c.device))
+        x_c, shift = self.sparse_input(x)
+        return batch_topk_encode(x_c, self.W_enc, self.b_enc, self.cfg.k,
+                                 select_dtype(self.cfg.topk_select_dtype, x.device), shift)
 
     @torch.no_grad()
     def update_threshold(self, vals: torch.Tensor) -> None:
@@ -47,13 +48,12 @@ class BatchTopKSAE(SparseCoder):
         self.threshold.copy_(low if self.threshold < 0 else THRESHOLD_EMA * self.threshold + (1 - THRESHOLD_EMA) * low)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        x_c = self.centered(x)
-        rows, cols, vals = self.select(x_c)
+        rows, cols, vals = self.select(x)
         self.update_threshold(vals.detach())
         y_hat = self.decode_selected(rows, cols, vals, x)
         fvu = fvu_of(y_hat, y, ctx.total_variance)
         dead = dead_latents(self, ctx)
-        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, y_hat, y, ctx)
+        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, self.centered(x), dead), dead, y_hat, y, ctx)
         loss = fvu + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvu.detach(), cols, rows.numel() / x.shape[0],
                              {"fvu": fvu.detach(), "auxk": aux.detach()})

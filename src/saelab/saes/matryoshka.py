@@ -39,8 +39,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.ends = group_bounds(cfg.width, cfg.group_fractions or DEFAULT_GROUPS)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: LossContext) -> ForwardOutput:
-        x_c = self.centered(x)
-        rows, cols, vals = self.select(x_c)
+        rows, cols, vals = self.select(x)
         self.update_threshold(vals.detach())
         B = x.shape[0]
         y_hat = None
@@ -53,7 +52,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             fvus.append(fvu_of(y_hat, y, ctx.total_variance))
             start = end
         dead = dead_latents(self, ctx)
-        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, x_c, dead), dead, y_hat, y, ctx)
+        aux = x.new_zeros(()) if dead is None else auxk_loss(self, dead_pre_acts(self, self.centered(x), dead), dead, y_hat, y, ctx)
         prefix_fvu = torch.stack(fvus).mean()
         loss = prefix_fvu + self.cfg.aux_coef * aux
         return ForwardOutput(y_hat, loss, fvus[-1].detach(), cols, rows.numel() / B,

@@ -62,41 +62,11 @@ def encoder_pre(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, dty
 
 
 def selected_values(x: torch.Tensor, W_enc_t: torch.Tensor, b_enc: torch.Tensor, rows: torch.Tensor,
-                    cols: torch.Tensor, offsets: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """Exact float32 pre-activations [nnz] at the selected entries: <x_row, W_enc[:, col]> + b_enc[col].
-
-    These are the gradients of an embedding_bag with respect to its per-sample weights, so
-    torch's fused kernel for that computes them without materialising the [nnz, d] gather
-    (11 ms per 4096-row batch with k 32 vs 68 ms for a chunked gather + bmm; d 576). Off the CPU
-    (and with fused=False) a chunked gather computes the same dot products."""
-    if fused and fused_kernels(x):
-        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(x, W_enc_t, cols, offsets, rows, 0, -1)
-    else:
-        step = max(1, (1 << 24) // max(1, x.shape[1]))  # entries per chunk: bounds the [chunk, d] gathers
-        dots = torch.cat([(x[rows[s:s + step]] * W_enc_t[cols[s:s + step]]).sum(-1)
-                          for s in range(0, cols.numel(), step)]) if cols.numel() else x.new_zeros(0)
-    return dots + b_enc[cols]
-
-
-def latent_segment_sum(cols: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor,
-                       m: int) -> torch.Tensor:
-    """sum over entries e with cols[e] == i of weights[e] * x[rows[e]], for every latent i -> [m, d]:
-    the encoder weight gradient of a sparse code. Sorting by latent turns it into one
-    embedding_bag (4x faster than a COO sparse matmul here, 18x faster than index_add)."""
-    order = cols.argsort()
-    return F.embedding_bag(rows[order], x, row_offsets(cols[order], m), per_sample_weights=weights[order],
-                           mode="sum")
-
-
-def encoder_grads(ctx, x: torch.Tensor, W_enc_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  offsets: torch.Tensor, g: torch.Tensor):
-    """(g_x [B, d_in], g_W_enc [d_in, m], g_b_enc [m]) from the gradient g [nnz] of the selected values."""
-    m = W_enc_t.shape[0]
-    g_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-    g_W = latent_segment_sum(cols, rows, g, x, m).t() if ctx.needs_input_grad[1] else None
-    g_x = (F.embedding_bag(cols, W_enc_t, offsets, per_sample_weights=g, mode="sum")
-           if ctx.needs_input_grad[0] else None)
-    return g_x, g_W, g_b
+                    cols: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Exact float32 pre-activations [nnz] at the selected entries: <x_row, W_enc[:, col]> + b_enc[col]
+    (`entry_dots`: torch's fused per-sample-weights kernel on the CPU, 11 ms per 4096-row batch with
+    k 32 vs 68 ms for a chunked gather + bmm at d 576; a chunked gather elsewhere)."""
+    return entry_dots(x, W_enc_t, rows, cols, offsets) + b_enc[cols]
 
 
 def topk_indices(pre: torch.Tensor, k: int, group: int = 4) -> torch.Tensor:
@@ -175,46 +145,34 @@ def topk_encode(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     return pre_at(x_c, W_enc, b_enc, pre, ent, shift).relu().view(B, k), idx, ent
 
 
-class BatchTopKEncode(torch.autograd.Function):
-    """(x_c [B, d_in], W_enc [d_in, m], b_enc [m]) -> the k*B largest ReLU'd pre-activations of
-    the whole batch that are > 0, as row-sorted rows [nnz], cols [nnz], values [nnz]."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, dtype: torch.dtype):
+def batch_topk_encode(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                      dtype: torch.dtype = torch.float32,
+                      shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_c [B, d_in], W_enc [d_in, m], b_enc [m]) -> the k*B largest ReLU'd pre-activations of the
+    whole batch that are > 0, as row-sorted rows [nnz], cols [nnz] and values [nnz], the values
+    differentiable in x_c, W_enc, b_enc (and `shift`, as in `topk_encode`) through `pre_at`."""
+    B, m = x_c.shape[0], W_enc.shape[1]
+    with torch.no_grad():
         W_enc_t = W_enc.t().contiguous()
-        B, m = x.shape[0], W_enc_t.shape[0]
-        pre = encoder_pre(x, W_enc_t, b_enc, dtype)
+        pre = encoder_pre(x_c, W_enc_t, b_enc, dtype)
         n = min(k * B, pre.numel())
         # in bf16, select 1/8 more candidates and keep the exact top n of their float32 values:
         # rounding reorders entries near the boundary, and the kept minimum (what the inference
         # threshold learns from) would be biased low (-0.5% measured)
-        n_cand = n if dtype == x.dtype else min(n + n // 8, pre.numel())
+        n_cand = n if dtype == x_c.dtype else min(n + n // 8, pre.numel())
         flat = topk_indices(pre.view(1, -1), n_cand)[0].sort().values  # 40 vs 420 ms for topk
         rows, cols = flat // m, flat % m
-        if dtype == x.dtype:
+        if dtype == x_c.dtype:
             vals = pre.view(-1)[flat]
         else:
-            vals = selected_values(x, W_enc_t, b_enc, rows, cols, row_offsets(rows, B))
+            vals = selected_values(x_c, W_enc_t, b_enc, rows, cols, row_offsets(rows, B))
             if n_cand > n:
                 top = vals.topk(n, sorted=False).indices.sort().values  # sorted: rows stay sorted
                 rows, cols, vals = rows[top], cols[top], vals[top]
         keep = vals > 0
         if not keep.all():
             rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        offsets = row_offsets(rows, B)
-        ctx.save_for_backward(x, W_enc_t, rows, cols, offsets)
-        ctx.mark_non_differentiable(rows, cols)
-        return rows, cols, vals
-
-    @staticmethod
-    def backward(ctx, _g_rows, _g_cols, g_vals: torch.Tensor):
-        x, W_enc_t, rows, cols, offsets = ctx.saved_tensors
-        return *encoder_grads(ctx, x, W_enc_t, rows, cols, offsets, g_vals), None, None
-
-
-def batch_topk_encode(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
-                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return BatchTopKEncode.apply(x_c, W_enc, b_enc, k, dtype)
+    return rows, cols, pre_at(x_c, W_enc, b_enc, vals, Entries(rows, cols, B, m), shift)
 
 
 # --- sparse training paths on selected entries: TopK, and the threshold coders (ReLU, JumpReLU, Gated,
